@@ -1,0 +1,13 @@
+"""Retrace: image inversion and editing for ComfyUI.
+
+The host loads this package and calls ``comfy_entrypoint``. Nothing here imports ComfyUI at import
+time, so the numerics in ``inversion/`` and ``editing/`` can be used and tested without the host.
+"""
+
+__version__ = "0.1.0"
+
+
+async def comfy_entrypoint():
+    from .nodes import RetraceExtension
+
+    return RetraceExtension()

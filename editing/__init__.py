@@ -1,0 +1,1 @@
+"""Editing numerics in plain torch. Never imports ComfyUI."""

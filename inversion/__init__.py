@@ -1,0 +1,1 @@
+"""Inversion numerics in plain torch. Never imports ComfyUI."""

@@ -1,0 +1,17 @@
+"""Retrace's ComfyUI nodes (V3). Thin adapters from host objects to the core in inversion/ and editing/."""
+
+from __future__ import annotations
+
+from ._api import ComfyExtension, io
+from .inversion import NODES as INVERSION_NODES
+from .inversion_io import NODES as INVERSION_IO_NODES, register_folder
+from .samplers import NODES as SAMPLER_NODES
+from .vae_encode import NODES as VAE_NODES
+
+ALL_NODES: list[type[io.ComfyNode]] = [*VAE_NODES, *INVERSION_NODES, *SAMPLER_NODES, *INVERSION_IO_NODES]
+
+
+class RetraceExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_folder()
+        return ALL_NODES

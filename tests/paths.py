@@ -1,0 +1,41 @@
+"""Where things are, and one stable package name (`retrace`) for the pack whatever the checkout is called."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = ROOT / ".host" / "ComfyUI"
+CACHE = ROOT / ".cache"
+TEST_OUT = ROOT / "tests" / "out"
+PKGROOT = CACHE / "pkgroot"
+
+
+def ensure_package() -> None:
+    """Make `import retrace` resolve to this checkout (through a git-ignored link)."""
+    link = PKGROOT / "retrace"
+    PKGROOT.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and link.resolve() != ROOT:
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    if str(PKGROOT) not in sys.path:
+        sys.path.insert(0, str(PKGROOT))
+
+
+def ensure_host() -> None:
+    """Import the real host in-process, on the CPU (shared GUIDE section 1)."""
+    ensure_package()
+    if str(HOST) not in sys.path:
+        sys.path.insert(1, str(HOST))
+    if "comfy.model_management" not in sys.modules:
+        argv = sys.argv
+        sys.argv = [argv[0], "--cpu"]
+        try:
+            import comfy.options
+
+            comfy.options.enable_args_parsing()
+            import comfy.model_management  # noqa: F401
+        finally:
+            sys.argv = argv
