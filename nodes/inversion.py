@@ -12,7 +12,7 @@ from ..inversion.schedules import SIGMA_FLOOR, inversion_sigmas, reconstruction_
 from ._api import io
 from ._host import (Inversion as InversionType, check_latent, check_steps_and_guidance, make_guider, model_family,
                     model_name)
-from .samplers import SOLVER_TOOLTIP, SOLVERS, RetraceSampler, ode_sampler
+from .samplers import SOLVERS, RetraceSampler, ode_sampler
 
 # Highest sigma of a flow-model inversion schedule meant for SamplerCustomAdvanced: the host divides the
 # result by (1 - sigma), so it must stay below 1. Mirrors FlipSigmas' floor at the other end.

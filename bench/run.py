@@ -1,0 +1,163 @@
+"""`make bench`: Retrace's numbers, measured side by side in one run on this machine.
+
+Writes bench/out/latest.json (a flat object, metric -> number) and prints a markdown table.
+Times are CPU wall-clock ratios; absolute times are only meaningful from a GPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from paths import ensure_host  # noqa: E402
+
+log = logging.getLogger("retrace.bench")
+DESCRIPTIONS = {
+    "oracle_euler_order": "Euler/DDIM one-way convergence order (bimodal oracle; expect ~1)",
+    "oracle_solver2_order": "midpoint (RF-Solver style) one-way convergence order (expect ~2)",
+    "oracle_euler_roundtrip_order": "Euler invert+reconstruct round-trip order",
+    "oracle_solver2_roundtrip_order": "midpoint invert+reconstruct round-trip order",
+    "invert_overhead_ratio": "50-step host-path inversion / 50 bare UNet calls, tiny SD1.5 (goal <= 1.10)",
+    "sd15_roundtrip_rel_err": "SD1.5 tiny, 50 steps, guidance 1, relative L2 in latent space",
+    "sd15_roundtrip_rel_err_midpoint": "same, midpoint solver (25 steps, same model-call count)",
+    "flux_roundtrip_rel_err": "Flux tiny, 50 steps, guidance 1, relative L2 in latent space",
+    "flux_roundtrip_rel_err_midpoint": "same, midpoint solver (25 steps, same model-call count)",
+    "vae_refine_psnr_before_db": "decode(encode(image)) PSNR, random-weight SD VAE, 64x64 (32x32 quick)",
+    "vae_refine_psnr_gain_db": "PSNR gain of 20 decoder-refinement steps",
+}
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def oracle_metrics() -> dict[str, float]:
+    from oracle_cases import oneway_errors, order, roundtrip_errors
+
+    return {
+        "oracle_euler_order": order(oneway_errors("ve", "euler")),
+        "oracle_solver2_order": order(oneway_errors("ve", "midpoint")),
+        "oracle_euler_roundtrip_order": order(roundtrip_errors("ve", "euler")),
+        "oracle_solver2_roundtrip_order": order(roundtrip_errors("ve", "midpoint")),
+    }
+
+
+def roundtrip(model, latent: dict, cond: list, steps: int, solver: str) -> float:
+    from retrace.nodes.inversion import invert, sample_inversion
+    from retrace.nodes.samplers import ode_sampler
+
+    _, inv = invert(model, latent, cond, None, steps, 1.0, "normal", ode_sampler(solver))
+    out = sample_inversion(model, inv, cond, None, 1.0)
+    return rel_err(out["samples"], latent["samples"])
+
+
+def host_metrics(quick: bool) -> dict[str, float]:
+    ensure_host()
+    import comfy.sd
+    import comfy.utils
+    import tiny_checkpoint
+    import tiny_models
+
+    from retrace.nodes.inversion import invert
+    from retrace.nodes.vae_encode import encode_for_inversion
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    metrics: dict[str, float] = {}
+    ckpt = tiny_checkpoint.write_checkpoint()
+    model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=False)
+    steps = 50
+    # A 256x256 image's latent: large enough that a UNet call costs what it costs, small enough for a CPU.
+    size = 16 if quick else 32
+    latent = tiny_models.latent("sd15", height=size, width=size)  # an encoded photo's scale, not unit noise
+    cond = tiny_models.conditioning("sd15")
+
+    base = model.model
+    x = base.process_latent_in(latent["samples"])
+    sigmas = torch.linspace(0.03, 14.6, steps)
+    context = cond[0][0]
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for s in sigmas:
+                base.apply_model(x, s.reshape(1), c_crossattn=context)
+
+    def host_path() -> None:
+        with torch.inference_mode():
+            invert(model, latent, cond, None, steps, 1.0, "normal")
+
+    repeats = 1 if quick else 2
+    host_path()  # warm-up: first use loads the model through the host's model manager
+    t_bare, t_host = [], []
+    for _ in range(repeats):  # interleaved, so both see the same machine state
+        t_bare.append(best_time(bare, 1))
+        t_host.append(best_time(host_path, 1))
+    metrics["invert_overhead_ratio"] = min(t_host) / min(t_bare)
+    log.info("bare %.2fs, host path %.2fs", min(t_bare), min(t_host))
+
+    with torch.inference_mode():
+        metrics["sd15_roundtrip_rel_err"] = roundtrip(model, latent, cond, steps, "euler")
+        metrics["sd15_roundtrip_rel_err_midpoint"] = roundtrip(model, latent, cond, steps // 2, "midpoint")
+        flux = tiny_models.build_model("flux")
+        flux_latent = tiny_models.latent("flux", height=16, width=16)
+        flux_cond = tiny_models.conditioning("flux")
+        metrics["flux_roundtrip_rel_err"] = roundtrip(flux, flux_latent, flux_cond, steps, "euler")
+        metrics["flux_roundtrip_rel_err_midpoint"] = roundtrip(flux, flux_latent, flux_cond, steps // 2, "midpoint")
+
+        image = test_image(32 if quick else 64)
+        _, before, after = encode_for_inversion(vae, image, 20, 0.05)
+    metrics["vae_refine_psnr_before_db"] = before
+    metrics["vae_refine_psnr_gain_db"] = after - before
+    return metrics
+
+
+def test_image(size: int) -> torch.Tensor:
+    """A smooth synthetic photo stand-in: gradients and a disc, [1, H, W, 3] in [0, 1]."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    disc = (((xx - 0.6) ** 2 + (yy - 0.4) ** 2) < 0.06).float()
+    return torch.stack([0.2 + 0.6 * xx, 0.3 + 0.4 * yy, 0.5 * disc + 0.2], dim=-1).unsqueeze(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller latents and one repeat (under 3 minutes)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(2)
+    ensure_host()
+    started = time.perf_counter()
+    metrics = oracle_metrics()
+    log.info("oracle metrics in %.0fs", time.perf_counter() - started)
+    metrics.update(host_metrics(args.quick))
+    metrics["bench_seconds"] = time.perf_counter() - started
+    metrics["quick"] = 1.0 if args.quick else 0.0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    lines = ["| metric | value | what |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.4g} | {DESCRIPTIONS.get(k, '')} |" for k, v in metrics.items()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
