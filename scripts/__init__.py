@@ -1,0 +1,1 @@
+"""Developer scripts: host server control, workflow conversion, the demo."""

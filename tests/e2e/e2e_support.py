@@ -1,0 +1,113 @@
+"""Helpers of the end-to-end layer: test-time changes to converted workflows, and reading their outputs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from paths import ROOT
+
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # for `scripts` (appended: the pack's own folders must not shadow the host's)
+
+from scripts.comfy_server import ComfyClient, ComfyServer  # noqa: E402
+from scripts.images import load_rgb  # noqa: E402
+from scripts.workflow_api import ApiPrompt, nodes_of_type  # noqa: E402
+
+WORKFLOWS = ROOT / "workflows"
+TEST_NODES = ROOT / "tests" / "e2e_nodes"
+
+# Which tiny model family each workflow runs on in the tests. None: the real loaders, on the generated tiny
+# SD1.5 checkpoint. A workflow missing here fails its test: add it when adding the file.
+WORKFLOW_KINDS: dict[str, str | None] = {
+    "sd15_invert_reconstruct.json": None,
+    "sdxl_invert_edit.json": "sdxl",
+    "flux_rf_inversion_edit.json": "flux",
+}
+
+# Real loader -> the test loader with the same outputs in the same slots (tests/e2e_nodes/retrace_test_loaders).
+LOADER_SWAPS = {
+    "CheckpointLoaderSimple": "RetraceTestTinyCheckpoint",
+    "UNETLoader": "RetraceTestTinyModel",
+    "CLIPLoader": "RetraceTestTinyCLIP",
+    "DualCLIPLoader": "RetraceTestTinyCLIP",
+    "TripleCLIPLoader": "RetraceTestTinyCLIP",
+    "VAELoader": "RetraceTestTinyVAE",
+}
+LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "flux": 16}
+
+
+def swap_loaders(prompt: ApiPrompt, kind: str) -> list[str]:
+    """Replace the real loader nodes by the tiny test loaders of ``kind``; return the ids changed."""
+    changed = []
+    for node_id, node in prompt.items():
+        new = LOADER_SWAPS.get(node["class_type"])
+        if new is None:
+            continue
+        node["class_type"] = new
+        node["inputs"] = {"kind": kind} if new == "RetraceTestTinyVAE" else {"kind": kind, "seed": 0}
+        changed.append(node_id)
+    return changed
+
+
+def lower_steps(prompt: ApiPrompt, steps: int) -> None:
+    """Fewer steps for the tests: every `steps` widget, and the RF-Inversion edit window scaled to match."""
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if isinstance(inputs.get("steps"), int):
+            old = inputs["steps"]
+            inputs["steps"] = steps
+            for other in prompt.values():
+                if other["class_type"] == "RetraceRFInversionEditSampler":
+                    o = other["inputs"]
+                    o["stop_step"] = max(1, round(o["stop_step"] * steps / old))
+                    o["start_step"] = min(o["start_step"], o["stop_step"])
+
+
+def add_save_latent(prompt: ApiPrompt, source: str, slot: int, prefix: str) -> str:
+    """Append a core SaveLatent node on (source, slot); return its id."""
+    node_id = str(max(int(k) for k in prompt) + 1)
+    prompt[node_id] = {"class_type": "SaveLatent",
+                       "inputs": {"samples": [source, slot], "filename_prefix": f"e2e/{prefix}"}}
+    return node_id
+
+
+def only(prompt: ApiPrompt, class_type: str) -> str:
+    ids = nodes_of_type(prompt, class_type)
+    assert len(ids) == 1, f"expected one {class_type}, found {ids}"
+    return ids[0]
+
+
+def saved_latent(server: ComfyServer, entry: dict[str, Any], node_id: str) -> torch.Tensor:
+    """The tensor a SaveLatent node wrote in this run (read from the server's output directory)."""
+    import safetensors.torch
+
+    records = entry["outputs"][node_id]["latents"]
+    assert len(records) == 1, records
+    rec = records[0]
+    path = server.output_dir / rec["subfolder"] / rec["filename"]
+    return safetensors.torch.load_file(str(path))["latent_tensor"]
+
+
+def viewed_images(client: ComfyClient, entry: dict[str, Any], node_id: str) -> list[np.ndarray]:
+    """The images a SaveImage/PreviewImage node produced in this run, read back through GET /view."""
+    records = entry["outputs"].get(node_id, {}).get("images", [])
+    return [load_rgb(client.view(r["filename"], r.get("subfolder", ""), r.get("type", "output"))) for r in records]
+
+
+def retrace_node_ids_in_source() -> set[str]:
+    """Every node id the pack declares, read from its source (independent of the server)."""
+    import re
+
+    ids: set[str] = set()
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        ids.update(re.findall(r'node_id\s*=\s*"(Retrace\w+)"', path.read_text(encoding="utf-8")))
+    return ids
+
+
+def workflow_files() -> list[Path]:
+    return sorted(WORKFLOWS.glob("*.json"))

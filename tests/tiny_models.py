@@ -1,0 +1,186 @@
+"""Tiny host models in the real layouts, with seeded weights, for host-level tests (GUIDE section 2).
+
+Every model is the host's own class (``comfy.supported_models.<Config>(unet_config).get_model({})``) with
+a small ``unet_config`` in the layout the real family uses (UNet with cross-attention and ADM for SDXL,
+double/single stream blocks for Flux, joint blocks for SD3), float32 on the CPU, wrapped in a
+``ModelPatcher``. The host builds its layers with ``comfy.ops.disable_weight_init``, so every parameter
+and buffer of the diffusion model is filled here from a seeded generator.
+
+Conditioning and latents are handed in directly (no text encoder, no VAE): CONDITIONING lists with what
+each model's ``extra_conds`` reads, and LATENT dicts in the VAE's output scale.
+
+The host is imported only through :func:`paths.ensure_host`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from paths import ensure_host
+
+KINDS = ("sd15", "sd2v", "sdxl", "flux", "sd3")
+
+# Real context widths (CLIP-L 768, OpenCLIP-H 1024, CLIP-L+G 2048, T5-XXL 4096) and pooled widths
+# (CLIP-G 1280 for SDXL, CLIP-L 768 for Flux, CLIP-L+G 2048 for SD3): conditioning has the real shapes.
+CONTEXT_DIM = {"sd15": 768, "sd2v": 1024, "sdxl": 2048, "flux": 4096, "sd3": 4096}
+POOLED_DIM = {"sdxl": 1280, "flux": 768, "sd3": 2048}
+LATENT_CHANNELS = {"sd15": 4, "sd2v": 4, "sdxl": 4, "flux": 16, "sd3": 16}
+CONFIG_NAME = {"sd15": "SD15", "sd2v": "SD20", "sdxl": "SDXL", "flux": "Flux", "sd3": "SD3"}
+FAMILY = {"sd15": "eps", "sd2v": "v", "sdxl": "eps", "flux": "flow", "sd3": "flow"}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}.")
+
+
+def _unet(context_dim: int, linear: bool, adm: int | None) -> dict[str, Any]:
+    """A two-level UNet (32 and 64 channels), one res block and one transformer per level and mid block."""
+    config = {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": adm, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": linear,
+        "context_dim": context_dim, "use_temporal_resblock": False, "use_temporal_attention": False,
+    }
+    if adm is not None:
+        config["num_classes"] = "sequential"
+    return config
+
+
+def unet_config(kind: str) -> dict[str, Any]:
+    """The small ``unet_config`` for ``kind`` (a fresh dict)."""
+    _check_kind(kind)
+    if kind == "sd15":
+        return _unet(768, False, None)
+    if kind == "sd2v":
+        return _unet(1024, True, None)
+    if kind == "sdxl":
+        # 2816 = CLIP-G pooled 1280 + six 256-wide size embeddings, as in the real SDXL.
+        return _unet(2048, True, 2816)
+    if kind == "flux":
+        # hidden 64, 2 heads of 32 = sum(axes_dim); patch 2 over 16 latent channels, as in Flux.1-dev.
+        return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+                "context_in_dim": 4096, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+                "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
+                "qkv_bias": True, "guidance_embed": True}
+    # SD3: hidden size is 64 x depth; depth 2 gives 128 wide, 2 heads.
+    return {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+            "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "pos_embed_max_size": 16,
+            "num_patches": 256, "x_block_self_attn_layers": [],
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": 4096, "out_features": 128}}}
+
+
+def fill_weights(module: torch.nn.Module, seed: int) -> None:
+    """Fill every floating parameter and buffer from a seeded generator, in name order.
+
+    Matrices and kernels get ``N(0, 1/fan_in)`` (unit gain, so activations stay O(1) through the tiny
+    depth); vectors (biases, embeddings) get ``N(0, 0.1^2)``. The scales of normalisation layers named
+    ``*norm*`` (the transformers' LayerNorms, SpatialTransformer's GroupNorm, Flux's QK RMSNorms, every
+    norm in a diffusers UNet) get the same around 1. The host UNet's ResBlock GroupNorms (``in_layers.0``,
+    ``out_layers.0``, ``out.0``) keep small scales on purpose: at unit scale a random UNet's eps is so
+    rough in x and sigma that no ODE round trip converges at test step counts (measured: relative
+    reconstruction error 2-7 at 40 steps instead of 0.03-0.16).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    with torch.no_grad():
+        for name in sorted(tensors):
+            t = tensors[name]
+            if not t.is_floating_point():
+                continue
+            value = torch.randn(t.shape, generator=generator, dtype=torch.float32)
+            if t.ndim >= 2 and not name.endswith("pos_embed"):
+                value /= math.sqrt(max(1, t[0].numel()))
+            else:
+                value *= 0.1
+                path, _, leaf = name.rpartition(".")
+                if leaf in ("weight", "scale") and "norm" in path.rsplit(".", 1)[-1]:
+                    value += 1.0
+            t.copy_(value.to(t.dtype))
+
+
+def build_model(kind: str, seed: int = 0) -> Any:
+    """A tiny float32 host model of ``kind`` in a CPU ``ModelPatcher``; weights from ``seed``."""
+    _check_kind(kind)
+    ensure_host()
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg_cls = getattr(comfy.supported_models, CONFIG_NAME[kind])
+    config = cfg_cls(unet_config(kind))
+    if kind in ("sd15", "sd2v", "sdxl"):
+        # The real configs fix heads for 320 channels; at 32 channels use 4 heads (8 wide) per level.
+        config.unet_config.update({"num_heads": -1, "num_head_channels": 8})
+    config.set_inference_dtype(torch.float32, None)
+    if kind == "sd2v":
+        # The 768-v checkpoints are told apart by their weights (SD20.model_type); say it directly.
+        model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    else:
+        model = config.get_model({})
+    model = model.to(torch.float32).eval()
+    fill_weights(model.diffusion_model, seed)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def conditioning(kind: str, batch: int = 1, seed: int = 0, tokens: int = 77) -> list:
+    """A seeded CONDITIONING ``[[cond, extras]]`` with what ``kind``'s model reads."""
+    _check_kind(kind)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    cond = torch.randn((batch, tokens, CONTEXT_DIM[kind]), generator=generator)
+    extras: dict[str, Any] = {}
+    if kind in POOLED_DIM:
+        extras["pooled_output"] = torch.randn((batch, POOLED_DIM[kind]), generator=generator)
+    if kind == "sdxl":
+        extras.update({"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0,
+                       "target_width": 1024, "target_height": 1024})
+    if kind == "flux":
+        extras["guidance"] = 3.5
+    return [[cond, extras]]
+
+
+def latent(kind: str, batch: int = 1, height: int = 8, width: int = 8, seed: int = 0) -> dict:
+    """A seeded LATENT in the VAE's output scale: smooth, image-like structure plus a little detail.
+
+    Built in model space (roughly unit spread) and mapped out with the latent format's own ``process_out``,
+    so the host's ``process_latent_in`` gives that model-space latent back, as for an encoded photograph.
+    """
+    _check_kind(kind)
+    ensure_host()
+    import comfy.latent_formats
+
+    fmt = getattr(comfy.latent_formats, CONFIG_NAME[kind] if kind != "sd2v" else "SD15")()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    channels = LATENT_CHANNELS[kind]
+    coarse = torch.randn((batch, channels, 3, 3), generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=True)
+    detail = 0.3 * torch.randn((batch, channels, height, width), generator=generator)
+    model_space = smooth + detail
+    return {"samples": fmt.process_out(model_space).contiguous()}
+
+
+def host_denoiser(model: Any, cond: list) -> Callable[..., torch.Tensor]:
+    """The host's k-diffusion denoiser ``D(x, sigma) -> x0`` for one conditioning, in model space.
+
+    Built from the model's own pieces (``extra_conds`` for the conditioning, ``apply_model`` for input
+    scaling, the network and ``calculate_denoised``) without the host's sampler or guider, as an
+    independent reference for what the nodes compute through ``CFGGuider`` at guidance 1.
+    """
+    base = model.model
+    tensor, extras = cond[0]
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
+        params = {**extras, "cross_attn": tensor, "device": x.device, "noise": x, "prompt_type": "positive",
+                  "width": extras.get("width", x.shape[3] * 8), "height": extras.get("height", x.shape[2] * 8)}
+        conds = {k: v.process_cond(batch_size=x.shape[0], area=None, device=x.device).cond
+                 for k, v in base.extra_conds(**params).items()}
+        return base.apply_model(x, sigma, **conds)
+
+    return denoise
