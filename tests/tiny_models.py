@@ -184,3 +184,39 @@ def host_denoiser(model: Any, cond: list) -> Callable[..., torch.Tensor]:
         return base.apply_model(x, sigma, **conds)
 
     return denoise
+
+
+_VAE_STATES: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def vae_state(latent_channels: int) -> dict[str, torch.Tensor]:
+    """Seeded weights in the host's VAE layout: SD's AutoencoderKL (4 channels) or Flux's (16, no quant convs)."""
+    if latent_channels not in _VAE_STATES:
+        ensure_host()
+        import comfy.ldm.models.autoencoder as ae
+
+        from tiny_checkpoint import SD_VAE_CONFIG, seeded_values
+
+        config = {**SD_VAE_CONFIG, "z_channels": latent_channels}
+        with torch.device("meta"):
+            if latent_channels == 4:
+                model = ae.AutoencoderKL(ddconfig=config, embed_dim=4)
+            else:
+                model = ae.AutoencodingEngine(
+                    regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+                    encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
+                    decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": config})
+        generator = torch.Generator().manual_seed(1000 + latent_channels)
+        _VAE_STATES[latent_channels] = seeded_values(model.state_dict(), generator)
+    return _VAE_STATES[latent_channels]
+
+
+def build_vae(kind: str) -> Any:
+    """The host's own ``comfy.sd.VAE`` (full-size layout, seeded values) for ``kind``'s latent channels."""
+    ensure_host()
+    import comfy.sd
+
+    vae = comfy.sd.VAE(sd=dict(vae_state(LATENT_CHANNELS[kind])))
+    if vae.latent_channels != LATENT_CHANNELS[kind]:
+        raise RuntimeError(f"the host built a {vae.latent_channels}-channel VAE for {kind}")
+    return vae

@@ -19,19 +19,15 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import torch
-
 TESTS = Path(__file__).resolve().parents[2]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import tiny_models  # noqa: E402  (tests/tiny_models.py)
-from tiny_checkpoint import SD_VAE_CONFIG, seeded_values  # noqa: E402
 
 log = logging.getLogger("retrace.test_loaders")
 KINDS = list(tiny_models.KINDS)
 CATEGORY = "Retrace/testing"
-_VAE_STATES: dict[int, dict[str, torch.Tensor]] = {}
 
 
 def prompt_seed(text: str, seed: int) -> int:
@@ -64,34 +60,6 @@ class TinyTextEncoder:
         return TinyTextEncoder(self.kind, self.seed)
 
 
-def vae_state(latent_channels: int) -> dict[str, torch.Tensor]:
-    """Seeded weights in the host's VAE layout: SD's AutoencoderKL (4 channels) or Flux's (16, no quant convs)."""
-    if latent_channels not in _VAE_STATES:
-        import comfy.ldm.models.autoencoder as ae
-
-        config = {**SD_VAE_CONFIG, "z_channels": latent_channels}
-        with torch.device("meta"):
-            if latent_channels == 4:
-                model = ae.AutoencoderKL(ddconfig=config, embed_dim=4)
-            else:
-                model = ae.AutoencodingEngine(
-                    regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-                    encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
-                    decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": config})
-        generator = torch.Generator().manual_seed(1000 + latent_channels)
-        _VAE_STATES[latent_channels] = seeded_values(model.state_dict(), generator)
-    return _VAE_STATES[latent_channels]
-
-
-def build_vae(kind: str) -> Any:
-    import comfy.sd
-
-    vae = comfy.sd.VAE(sd=dict(vae_state(tiny_models.LATENT_CHANNELS[kind])))
-    if vae.latent_channels != tiny_models.LATENT_CHANNELS[kind]:
-        raise RuntimeError(f"the host built a {vae.latent_channels}-channel VAE for {kind}")
-    return vae
-
-
 def _kind_inputs() -> dict[str, Any]:
     return {"kind": (KINDS, {"default": "sd15"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False})}
@@ -110,7 +78,7 @@ class RetraceTestTinyCheckpoint:
 
     def load(self, kind: str, seed: int) -> tuple[Any, Any, Any]:
         log.info("tiny %s model, text encoder and VAE (seed %d)", kind, seed)
-        return tiny_models.build_model(kind, seed), TinyTextEncoder(kind, seed), build_vae(kind)
+        return tiny_models.build_model(kind, seed), TinyTextEncoder(kind, seed), tiny_models.build_vae(kind)
 
 
 class RetraceTestTinyModel:
@@ -155,7 +123,7 @@ class RetraceTestTinyVAE:
         return {"required": {"kind": (KINDS, {"default": "sd15"})}}
 
     def load(self, kind: str) -> tuple[Any]:
-        return (build_vae(kind),)
+        return (tiny_models.build_vae(kind),)
 
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in
