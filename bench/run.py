@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from paths import ensure_host  # noqa: E402
+from scripts.images import image_batch  # noqa: E402
 
 log = logging.getLogger("retrace.bench")
 DESCRIPTIONS = {
@@ -122,18 +123,11 @@ def host_metrics(quick: bool) -> dict[str, float]:
         metrics["flux_roundtrip_rel_err"] = roundtrip(flux, flux_latent, flux_cond, steps, "euler")
         metrics["flux_roundtrip_rel_err_midpoint"] = roundtrip(flux, flux_latent, flux_cond, steps // 2, "midpoint")
 
-        image = test_image(32 if quick else 64)
+        image = image_batch(32 if quick else 64)
         _, before, after = encode_for_inversion(vae, image, 20, 0.05)
     metrics["vae_refine_psnr_before_db"] = before
     metrics["vae_refine_psnr_gain_db"] = after - before
     return metrics
-
-
-def test_image(size: int) -> torch.Tensor:
-    """A smooth synthetic photo stand-in: gradients and a disc, [1, H, W, 3] in [0, 1]."""
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    disc = (((xx - 0.6) ** 2 + (yy - 0.4) ** 2) < 0.06).float()
-    return torch.stack([0.2 + 0.6 * xx, 0.3 + 0.4 * yy, 0.5 * disc + 0.2], dim=-1).unsqueeze(0)
 
 
 def main(argv: list[str] | None = None) -> int:

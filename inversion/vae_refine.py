@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of two images in ``[0, peak]``."""
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(peak**2 / mse)).item()
+    """Peak signal-to-noise ratio in dB of two images in ``[0, peak]`` of the same shape (inf if identical)."""
+    if a.shape != b.shape:
+        raise ValueError(f"PSNR needs images of the same shape; got {tuple(a.shape)} and {tuple(b.shape)}.")
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return float("inf") if mse == 0 else 10.0 * math.log10(peak**2 / mse)
 
 
 def refine_latent(decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, image: torch.Tensor,

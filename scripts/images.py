@@ -6,7 +6,10 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+
+from inversion.vae_refine import psnr as core_psnr
 
 
 def make_test_image(size: int = 64, seed: int = 0) -> Image.Image:
@@ -33,11 +36,14 @@ def load_rgb(data: bytes | str | Path) -> np.ndarray:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB of two images in [0, 1] of the same shape (inf if identical)."""
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+    """PSNR in dB of two images in [0, 1] of the same shape: the core's measure, on arrays."""
+    return core_psnr(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b)))
+
+
+def image_batch(size: int = 64, batch: int = 1) -> torch.Tensor:
+    """:func:`make_test_image` as an IMAGE batch [batch, size, size, 3] in [0, 1], each image from its own seed."""
+    return torch.stack([torch.from_numpy(np.asarray(make_test_image(size, seed), dtype=np.float32) / 255.0)
+                        for seed in range(batch)])
 
 
 def side_by_side(images: list[np.ndarray], gap: int = 4) -> Image.Image:

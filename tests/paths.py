@@ -13,7 +13,7 @@ PKGROOT = CACHE / "pkgroot"
 
 
 def ensure_package() -> None:
-    """Make `import retrace` resolve to this checkout (through a git-ignored link)."""
+    """Make `import retrace` resolve to this checkout (through a git-ignored link), and `import scripts` work."""
     link = PKGROOT / "retrace"
     PKGROOT.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() and link.resolve() != ROOT:
@@ -22,6 +22,8 @@ def ensure_package() -> None:
         link.symlink_to(ROOT, target_is_directory=True)
     if str(PKGROOT) not in sys.path:
         sys.path.insert(0, str(PKGROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))  # for `scripts`; appended, so the pack's folders never shadow the host's modules
 
 
 def ensure_host() -> None:

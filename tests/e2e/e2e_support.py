@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +9,9 @@ import numpy as np
 import torch
 
 from paths import ROOT
-
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))  # for `scripts` (appended: the pack's own folders must not shadow the host's)
-
-from scripts.comfy_server import ComfyClient, ComfyServer  # noqa: E402
-from scripts.images import load_rgb  # noqa: E402
-from scripts.workflow_api import ApiPrompt, nodes_of_type  # noqa: E402
+from scripts.comfy_server import ComfyClient, ComfyServer
+from scripts.images import load_rgb
+from scripts.workflow_api import ApiPrompt, nodes_of_type
 
 WORKFLOWS = ROOT / "workflows"
 TEST_NODES = ROOT / "tests" / "e2e_nodes"
