@@ -35,6 +35,15 @@ DESCRIPTIONS = {
     "flux_roundtrip_rel_err_midpoint": "same, midpoint solver (25 steps, same model-call count)",
     "vae_refine_psnr_before_db": "decode(encode(image)) PSNR, random-weight SD VAE, 64x64 (32x32 quick)",
     "vae_refine_psnr_gain_db": "PSNR gain of 20 decoder-refinement steps",
+    "ddim_rel_err_cfg75": "tiny SD1.5 checkpoint, 50 steps: invert at guidance 1, reconstruct at 7.5 (relative L2)",
+    "nti_rel_err_cfg75": "null-text, default (Gauss-Newton, 2 iterations per step), reconstruction at 7.5",
+    "nti_cost_ratio": "null-text (inversion + optimisation, which yields the reconstruction) / DDIM invert + "
+                      "reconstruct (goal <= 3 with nti_rel_err within 10% of nti_full_rel_err)",
+    "nti_full_rel_err_cfg75": "null-text, the paper's recipe without early stop (Adam, 10 inner steps)",
+    "nti_full_cost_ratio": "its cost, as nti_cost_ratio",
+    "npi_rel_err_cfg75": "negative-prompt inversion at 7.5",
+    "direct_rel_err_cfg75": "direct inversion at 7.5 (source branch)",
+    "nti_peak_mem_mb": "peak resident memory added during the default null-text optimisation (CPU RSS)",
 }
 
 
@@ -130,6 +139,73 @@ def host_metrics(quick: bool) -> dict[str, float]:
     return metrics
 
 
+def peak_rss_growth_mb(fn: Callable[[], object]) -> float:
+    """Peak resident memory added while ``fn`` runs (Linux: reset the high-water mark, read it back)."""
+    def status(key: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return float(line.split()[1]) / 1024
+        return float("nan")
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - before
+
+
+def null_text_metrics(quick: bool) -> dict[str, float]:
+    """Guidance-7.5 reconstruction by DDIM, null-text (default, paper, paper without early stop), negative-prompt
+    and direct inversion, side by side on the tiny SD1.5 checkpoint (GUIDE section 5 for real-model numbers)."""
+    import comfy.sd
+    import tiny_checkpoint
+    import tiny_models
+
+    from retrace.inversion.null_text import NullTextSettings
+    from retrace.nodes.inversion import invert, sample_inversion, sample_with_guider
+    from retrace.nodes.inversion_guiders import DirectInversionGuider
+    from retrace.nodes._host import make_guider
+    from retrace.nodes.null_text import optimize_null_text
+
+    model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint.write_checkpoint()), output_vae=False,
+                                                           output_clip=False)
+    size, steps = (16, 50) if quick else (32, 50)
+    latent = tiny_models.latent("sd15", height=size, width=size)
+    source, negative = tiny_models.conditioning("sd15", seed=0), tiny_models.conditioning("sd15", seed=1)
+    x0 = model.model.process_latent_in(latent["samples"])
+
+    def err(out: dict) -> float:
+        return rel_err(model.model.process_latent_in(out["samples"]), x0)
+
+    metrics: dict[str, float] = {}
+    with torch.inference_mode():
+        invert(model, latent, source, None, 2, 1.0, "normal")  # warm-up
+        start = time.perf_counter()
+        _, inv = invert(model, latent, source, None, steps, 1.0, "normal")
+        t_invert = time.perf_counter() - start
+        start = time.perf_counter()
+        ddim = sample_inversion(model, inv, source, negative, 7.5)
+        t_reconstruct = time.perf_counter() - start
+        baseline = t_invert + t_reconstruct
+        metrics["ddim_rel_err_cfg75"] = err(ddim)
+        recipes = {"nti": NullTextSettings()}
+        if not quick:
+            recipes["nti_full"] = NullTextSettings(solver="adam", early_stop=0.0, early_stop_growth=0.0)
+        for name, settings in recipes.items():
+            result: list = []
+            start = time.perf_counter()
+            peak = peak_rss_growth_mb(
+                lambda s=settings: result.append(optimize_null_text(model, inv, source, negative, 7.5, s)))
+            metrics[f"{name}_cost_ratio"] = (t_invert + time.perf_counter() - start) / baseline
+            metrics[f"{name}_rel_err_cfg75"] = err(result[0][1])
+            if name == "nti":
+                metrics["nti_peak_mem_mb"] = peak
+            log.info("%s: error %.4g, cost %.2fx", name, metrics[f"{name}_rel_err_cfg75"], metrics[f"{name}_cost_ratio"])
+        metrics["npi_rel_err_cfg75"] = err(sample_with_guider(model, inv, make_guider(model, source, source, 7.5)))
+        direct = DirectInversionGuider(model, inv, source, source, negative, 7.5)
+        metrics["direct_rel_err_cfg75"] = err(sample_with_guider(model, inv, direct))
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller latents and one repeat (under 3 minutes)")
@@ -142,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = oracle_metrics()
     log.info("oracle metrics in %.0fs", time.perf_counter() - started)
     metrics.update(host_metrics(args.quick))
+    metrics.update(null_text_metrics(args.quick))
     metrics["bench_seconds"] = time.perf_counter() - started
     metrics["quick"] = 1.0 if args.quick else 0.0
     out = Path(args.out)

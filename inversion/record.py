@@ -1,4 +1,4 @@
-"""The result of an inversion: the trajectory from the image to its noise, and what it was made for."""
+"""Results that outlive a run: an inversion (trajectory and what it was made for) and null-text embeddings."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 FORMAT = "retrace.inversion/1"
+NULL_TEXT_FORMAT = "retrace.null_text/1"
 FAMILIES = ("eps", "v", "flow")
 
 
@@ -58,50 +59,127 @@ class Inversion:
     def mismatches(self, family: str | None = None, model_name: str | None = None,
                    latent_shape: tuple[int, ...] | None = None) -> list[str]:
         """What differs between this inversion and a model/latent it is about to be used with."""
-        found = []
-        if family is not None and family != self.family:
-            found.append(f"model family: inversion was made for '{self.family}', the model is '{family}'")
-        if model_name is not None and model_name != self.model_name:
-            found.append(f"model: inversion was made for '{self.model_name}', the model is '{model_name}'")
-        if latent_shape is not None and tuple(latent_shape) != self.latent_shape:
-            found.append(f"latent shape: inversion has {list(self.latent_shape)}, the latent is {list(latent_shape)}")
-        return found
+        return _mismatches(self, "inversion", family, model_name, latent_shape)
 
     def check(self, family: str | None = None, model_name: str | None = None,
               latent_shape: tuple[int, ...] | None = None, what: str = "this inversion") -> None:
-        found = self.mismatches(family, model_name, latent_shape)
-        if found:
-            raise ValueError(
-                f"{what} does not fit: " + "; ".join(found) + ". Invert the image again with this model and latent."
-            )
+        _raise_mismatches(self.mismatches(family, model_name, latent_shape), what,
+                          "Invert the image again with this model and latent.")
 
     def save(self, path: str) -> None:
         """Write to ``.safetensors`` (tensors plus JSON metadata). Refuses to overwrite an existing file."""
-        if os.path.exists(path):
-            raise FileExistsError(f"{path} exists already; Retrace never overwrites a file.")
-        meta = {
-            "format": FORMAT,
-            "family": self.family,
-            "model_name": self.model_name,
-            "method": self.method,
-            "guidance": repr(float(self.guidance)),
-            "latent_shape": json.dumps(list(self.latent_shape)),
-            "extra": json.dumps(self.extra),
-        }
-        tensors = {"trajectory": self.trajectory.detach().cpu().contiguous(),
-                   "sigmas": self.sigmas.detach().cpu().float().contiguous()}
-        save_file(tensors, path, metadata=meta)
+        meta = {"family": self.family, "model_name": self.model_name, "method": self.method,
+                "guidance": repr(float(self.guidance)), "latent_shape": json.dumps(list(self.latent_shape)),
+                "extra": json.dumps(self.extra)}
+        _write(path, FORMAT, {"trajectory": self.trajectory, "sigmas": self.sigmas.float()}, meta)
 
     @classmethod
     def load(cls, path: str) -> Inversion:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a Retrace inversion (format {meta.get('format')!r}, expected {FORMAT!r}).")
-            trajectory, sigmas = f.get_tensor("trajectory"), f.get_tensor("sigmas")
-        inv = cls(trajectory=trajectory, sigmas=sigmas, family=meta["family"],
+        tensors, meta = _read(path, FORMAT, "inversion")
+        inv = cls(trajectory=tensors["trajectory"], sigmas=tensors["sigmas"], family=meta["family"],
                   model_name=meta["model_name"], method=meta["method"], guidance=float(meta["guidance"]),
                   extra=json.loads(meta.get("extra", "{}")))
-        if list(inv.latent_shape) != json.loads(meta["latent_shape"]):
-            raise ValueError(f"{path} is damaged: its latent shape metadata does not match its trajectory.")
+        _check_shape_metadata(path, inv.latent_shape, meta)
         return inv
+
+
+@dataclasses.dataclass(frozen=True)
+class NullText:
+    """Null-text inversion's per-step unconditional embeddings and what they were optimised for.
+
+    ``embeddings[k]`` (``[B, tokens, width]``) is the unconditional embedding of sampling step ``k``, the
+    step that starts at ``sigmas[-1 - k]`` (``sigmas`` ascending, the inversion's). ``pooled`` is the
+    negative's pooled output (SDXL), kept as it was. Treated as immutable.
+    """
+
+    embeddings: torch.Tensor  # [steps, B, tokens, width]
+    sigmas: torch.Tensor  # [steps + 1], ascending
+    family: str
+    model_name: str
+    latent_shape: tuple[int, ...]
+    guidance: float
+    pooled: torch.Tensor | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}; got {self.family!r}.")
+        if self.embeddings.ndim != 4 or self.embeddings.shape[0] + 1 != self.sigmas.shape[0]:
+            raise ValueError(f"embeddings {tuple(self.embeddings.shape)} need one [B, tokens, width] per step "
+                             f"of the {self.sigmas.shape[0] - 1}-step schedule.")
+        if self.embeddings.shape[1] != self.latent_shape[0]:
+            raise ValueError(f"embeddings are for a batch of {self.embeddings.shape[1]}, the latent shape "
+                             f"{list(self.latent_shape)} is not.")
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.shape[0] - 1
+
+    @property
+    def step_sigmas(self) -> torch.Tensor:
+        """The sigma each sampling step starts from, in sampling order."""
+        return self.sigmas.flip(0)[:-1]
+
+    def mismatches(self, family: str | None = None, model_name: str | None = None,
+                   latent_shape: tuple[int, ...] | None = None) -> list[str]:
+        return _mismatches(self, "null-text", family, model_name, latent_shape)
+
+    def check(self, family: str | None = None, model_name: str | None = None,
+              latent_shape: tuple[int, ...] | None = None, what: str = "this null-text") -> None:
+        _raise_mismatches(self.mismatches(family, model_name, latent_shape), what,
+                          "Optimise null-text again for this model and latent.")
+
+    def save(self, path: str) -> None:
+        """Write to ``.safetensors``. Refuses to overwrite an existing file."""
+        meta = {"family": self.family, "model_name": self.model_name, "guidance": repr(float(self.guidance)),
+                "latent_shape": json.dumps(list(self.latent_shape)), "extra": json.dumps(self.extra)}
+        tensors = {"embeddings": self.embeddings, "sigmas": self.sigmas.float()}
+        if self.pooled is not None:
+            tensors["pooled"] = self.pooled
+        _write(path, NULL_TEXT_FORMAT, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str) -> NullText:
+        tensors, meta = _read(path, NULL_TEXT_FORMAT, "null-text")
+        return cls(embeddings=tensors["embeddings"], sigmas=tensors["sigmas"], family=meta["family"],
+                   model_name=meta["model_name"], latent_shape=tuple(json.loads(meta["latent_shape"])),
+                   guidance=float(meta["guidance"]), pooled=tensors.get("pooled"),
+                   extra=json.loads(meta.get("extra", "{}")))
+
+
+def _mismatches(record: Any, kind: str, family: str | None, model_name: str | None,
+                latent_shape: tuple[int, ...] | None) -> list[str]:
+    found = []
+    if family is not None and family != record.family:
+        found.append(f"model family: {kind} was made for '{record.family}', the model is '{family}'")
+    if model_name is not None and model_name != record.model_name:
+        found.append(f"model: {kind} was made for '{record.model_name}', the model is '{model_name}'")
+    if latent_shape is not None and tuple(latent_shape) != tuple(record.latent_shape):
+        found.append(f"latent shape: {kind} has {list(record.latent_shape)}, the latent is {list(latent_shape)}")
+    return found
+
+
+def _raise_mismatches(found: list[str], what: str, fix: str) -> None:
+    if found:
+        raise ValueError(f"{what} does not fit: " + "; ".join(found) + f". {fix}")
+
+
+def _write(path: str, file_format: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists already; Retrace never overwrites a file.")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+              metadata={"format": file_format, **meta})
+
+
+def _read(path: str, file_format: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != file_format:
+            raise ValueError(f"{path} is not a Retrace {kind} file (format {meta.get('format')!r}, "
+                             f"expected {file_format!r}).")
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def _check_shape_metadata(path: str, latent_shape: tuple[int, ...], meta: dict[str, str]) -> None:
+    if list(latent_shape) != json.loads(meta["latent_shape"]):
+        raise ValueError(f"{path} is damaged: its latent shape metadata does not match its tensors.")

@@ -23,7 +23,7 @@ def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
 
 
-def _run(guider, sampler: RetraceSampler, start: torch.Tensor, latent_shape_source: torch.Tensor, sigmas: torch.Tensor,
+def run_guider(guider, sampler: RetraceSampler, start: torch.Tensor, latent_shape_source: torch.Tensor, sigmas: torch.Tensor,
          model, **options) -> list[torch.Tensor]:
     """Sample through the host's guider with a Retrace sampler; return the latent at every sigma (model space)."""
     record: list[torch.Tensor] = []
@@ -49,7 +49,7 @@ def invert(model, latent: dict, positive: list, negative: list | None, steps: in
     sigmas = inversion_sigmas(schedule(model, scheduler, steps))
     guider = make_guider(model, positive, negative, guidance)
     start = model.model.process_latent_in(samples.float())
-    trajectory = torch.stack(_run(guider, sampler, start, samples, sigmas, model))
+    trajectory = torch.stack(run_guider(guider, sampler, start, samples, sigmas, model))
     inv = Inversion(trajectory=trajectory, sigmas=sigmas.float(), family=family, model_name=model_name(model),
                     method=sampler.method, guidance=float(guidance), extra={"scheduler": scheduler, **sampler.settings})
     out = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
@@ -61,18 +61,22 @@ def sample_inversion(model, inversion: Inversion, positive: list, negative: list
                      sampler: RetraceSampler | None = None) -> dict:
     """Run an inversion's schedule backwards from its noise, with any prompt: reconstruction or edit."""
     check_steps_and_guidance(inversion.steps, guidance)
+    return sample_with_guider(model, inversion, make_guider(model, positive, negative, guidance), sampler)
+
+
+def sample_with_guider(model, inversion: Inversion, guider, sampler: RetraceSampler | None = None) -> dict:
+    """Sample back along the inversion's exact schedule from its noise, with any host guider."""
     inversion.check(family=model_family(model), model_name=model_name(model), what="the inversion")
     if sampler is None:
         solver = inversion.method if inversion.method in SOLVERS else inversion.extra.get("solver", "euler")
         sampler = ode_sampler(solver)
     if not isinstance(sampler, RetraceSampler) or sampler.direction == "invert":
-        raise ValueError("Retrace Sample Inversion needs a sampling sampler (Retrace Inversion Sampler or RF-Inversion "
-                         f"Sampler (edit)); got {type(sampler).__name__} {getattr(sampler, 'method', '')}.")
+        raise ValueError("sampling an inversion back needs a sampling sampler (Retrace Inversion Sampler or "
+                         f"RF-Inversion Sampler (edit)); got {type(sampler).__name__} {getattr(sampler, 'method', '')}.")
     sampler.check_family(inversion.family)
-    guider = make_guider(model, positive, negative, guidance)
     shape_source = torch.zeros(inversion.latent_shape)
-    record = _run(guider, sampler, inversion.noise, shape_source, reconstruction_sigmas(inversion.sigmas), model,
-                  retrace_source=inversion.source)
+    record = run_guider(guider, sampler, inversion.noise, shape_source, reconstruction_sigmas(inversion.sigmas), model,
+                        retrace_source=inversion.source)
     return {"samples": model.model.process_latent_out(record[-1])}
 
 
@@ -173,4 +177,29 @@ class RetraceSampleInversion(io.ComfyNode):
         return io.NodeOutput(sample_inversion(model, inversion, positive, negative, guidance, sampler))
 
 
-NODES = [RetraceInvert, RetraceSampleInversion, RetraceInversionSigmas]
+class RetraceSampleInversionGuided(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceSampleInversionGuided",
+            display_name="Retrace Sample Inversion (Guider)",
+            category="Retrace/inversion",
+            description="Sample back from an inversion along its exact schedule with any guider: Retrace Null-Text, "
+                        "Negative-Prompt or Direct Inversion Guider, or the host's CFGGuider.",
+            inputs=[
+                InversionType.Input("inversion"),
+                io.Guider.Input("guider", tooltip="Its model must be the one the inversion was made with."),
+                io.Sampler.Input("sampler", optional=True,
+                                 tooltip="A Retrace sampling sampler. Default: Euler (DDIM), which the null-text and "
+                                         "direct-inversion guiders need."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, inversion: Inversion, guider, sampler=None) -> io.NodeOutput:
+        sampler = sampler if sampler is not None else ode_sampler("euler")
+        return io.NodeOutput(sample_with_guider(guider.model_patcher, inversion, guider, sampler))
+
+
+NODES = [RetraceInvert, RetraceSampleInversion, RetraceInversionSigmas, RetraceSampleInversionGuided]

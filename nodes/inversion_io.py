@@ -1,4 +1,5 @@
-"""Save an inversion to .safetensors and load it back, checked against the model and latent it meets."""
+"""Save inversions and null-text embeddings to .safetensors and load them back, checked against the model and
+latent they meet."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import os
 
 import folder_paths
 
-from ..inversion.record import Inversion
+from ..inversion.record import Inversion, NullText
 from ._api import io, ui
 from ._host import Inversion as InversionType, check_latent, model_family, model_name
+from .null_text import NullTextType
 
 FOLDER = "retrace_inversions"
 OUTPUT_SUBFOLDER = "retrace"
@@ -34,6 +36,33 @@ def free_path(filename_prefix: str) -> tuple[str, str]:
         counter += 1
 
 
+def save_record(record: Inversion | NullText, filename_prefix: str) -> io.NodeOutput:
+    path, relative = free_path(filename_prefix)
+    record.save(path)
+    return io.NodeOutput(ui=ui.PreviewText(f"saved {relative}"))
+
+
+def load_record(kind: type, file: str, model, latent: dict | None, what: str) -> io.NodeOutput:
+    record = kind.load(folder_paths.get_full_path_or_raise(FOLDER, file))
+    shape = None if latent is None else tuple(check_latent(model, latent).shape)
+    record.check(family=model_family(model), model_name=model_name(model), latent_shape=shape, what=f"{what} {file}")
+    return io.NodeOutput(record)
+
+
+def file_exists(file: str) -> bool | str:
+    return True if folder_paths.get_full_path(FOLDER, file) is not None else f"file not found: {file}"
+
+
+def file_inputs(name: str, what: str) -> list:
+    """The load nodes' inputs: the file, the model it must fit and, optionally, a latent."""
+    return [
+        io.Combo.Input(name, options=folder_paths.get_filename_list(FOLDER),
+                       tooltip="From output/retrace/ or models/retrace_inversions/."),
+        io.Model.Input("model", tooltip=f"The model the {what} will be used with."),
+        io.Latent.Input("latent", optional=True, tooltip=f"If given, its shape must match the {what}'s."),
+    ]
+
+
 class RetraceSaveInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -54,9 +83,7 @@ class RetraceSaveInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion: Inversion, filename_prefix: str) -> io.NodeOutput:
-        path, relative = free_path(filename_prefix)
-        inversion.save(path)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {relative}"))
+        return save_record(inversion, filename_prefix)
 
 
 class RetraceLoadInversion(io.ComfyNode):
@@ -69,28 +96,62 @@ class RetraceLoadInversion(io.ComfyNode):
             category="Retrace/inversion",
             description="Load a saved inversion and check that it fits the model (and latent, if given); "
                         "a mismatch is named before anything runs.",
-            inputs=[
-                io.Combo.Input("inversion_file", options=folder_paths.get_filename_list(FOLDER),
-                               tooltip="From output/retrace/ or models/retrace_inversions/."),
-                io.Model.Input("model", tooltip="The model the inversion will be used with."),
-                io.Latent.Input("latent", optional=True, tooltip="If given, its shape must match the inversion's."),
-            ],
+            inputs=file_inputs("inversion_file", "inversion"),
             outputs=[InversionType.Output()],
         )
 
     @classmethod
     def validate_inputs(cls, inversion_file: str, **_) -> bool | str:
-        if folder_paths.get_full_path(FOLDER, inversion_file) is None:
-            return f"inversion file not found: {inversion_file}"
-        return True
+        return file_exists(inversion_file)
 
     @classmethod
     def execute(cls, inversion_file: str, model, latent: dict | None = None) -> io.NodeOutput:
-        inv = Inversion.load(folder_paths.get_full_path_or_raise(FOLDER, inversion_file))
-        shape = None if latent is None else tuple(check_latent(model, latent).shape)
-        inv.check(family=model_family(model), model_name=model_name(model), latent_shape=shape,
-                  what=f"inversion file {inversion_file}")
-        return io.NodeOutput(inv)
+        return load_record(Inversion, inversion_file, model, latent, "inversion file")
 
 
-NODES = [RetraceSaveInversion, RetraceLoadInversion]
+class RetraceSaveNullText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceSaveNullText",
+            display_name="Retrace Save Null-Text",
+            category="Retrace/inversion/guidance",
+            description="Save null-text embeddings (with their schedule, model and guidance) to output/retrace/ as "
+                        ".safetensors. Never overwrites a file.",
+            inputs=[
+                NullTextType.Input("null_text"),
+                io.String.Input("filename_prefix", default="null_text",
+                                tooltip="Name prefix under output/retrace/; a counter is appended."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, null_text: NullText, filename_prefix: str) -> io.NodeOutput:
+        return save_record(null_text, filename_prefix)
+
+
+class RetraceLoadNullText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        register_folder()
+        return io.Schema(
+            node_id="RetraceLoadNullText",
+            display_name="Retrace Load Null-Text",
+            category="Retrace/inversion/guidance",
+            description="Load saved null-text embeddings and check that they fit the model (and latent, if given).",
+            inputs=file_inputs("null_text_file", "null-text"),
+            outputs=[NullTextType.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, null_text_file: str, **_) -> bool | str:
+        return file_exists(null_text_file)
+
+    @classmethod
+    def execute(cls, null_text_file: str, model, latent: dict | None = None) -> io.NodeOutput:
+        return load_record(NullText, null_text_file, model, latent, "null-text file")
+
+
+NODES = [RetraceSaveInversion, RetraceLoadInversion, RetraceSaveNullText, RetraceLoadNullText]

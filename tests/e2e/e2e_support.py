@@ -22,7 +22,13 @@ WORKFLOW_KINDS: dict[str, str | None] = {
     "sd15_invert_reconstruct.json": None,
     "sdxl_invert_edit.json": "sdxl",
     "flux_rf_inversion_edit.json": "flux",
+    "sd15_null_text_edit.json": None,
+    "sdxl_npi_edit.json": "sdxl",
+    "sd15_direct_inversion_edit.json": None,
 }
+
+# The node whose LATENT is a workflow's result: each workflow has exactly one of these.
+RESULT_NODES = ("RetraceSampleInversion", "RetraceSampleInversionGuided", "SamplerCustomAdvanced")
 
 # Real loader -> the test loader with the same outputs in the same slots (tests/e2e_nodes/retrace_test_loaders).
 LOADER_SWAPS = {
@@ -69,6 +75,12 @@ def add_save_latent(prompt: ApiPrompt, source: str, slot: int, prefix: str) -> s
     prompt[node_id] = {"class_type": "SaveLatent",
                        "inputs": {"samples": [source, slot], "filename_prefix": f"e2e/{prefix}"}}
     return node_id
+
+
+def result_node(prompt: ApiPrompt) -> str:
+    found = [nid for nid, node in prompt.items() if node["class_type"] in RESULT_NODES]
+    assert len(found) == 1, f"expected one of {RESULT_NODES}, found {found}"
+    return found[0]
 
 
 def only(prompt: ApiPrompt, class_type: str) -> str:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from e2e_support import (LATENT_CHANNELS, LOADER_SWAPS, WORKFLOW_KINDS, add_save_latent, lower_steps, only,
-                         retrace_node_ids_in_source, saved_latent, swap_loaders, viewed_images, workflow_files)
+                         result_node, retrace_node_ids_in_source, saved_latent, swap_loaders, viewed_images,
+                         workflow_files)
 
 from scripts.images import load_rgb
 from scripts.workflow_api import fill_load_image, load_workflow, set_inputs, ui_to_api
@@ -66,7 +67,7 @@ def test_workflow_runs(path, server, client, object_info: dict, input_image: str
 
     encoder = only(prompt, "RetraceVAEEncodeForInversion")
     inverter = only(prompt, "RetraceInvert")
-    sampler = only(prompt, "RetraceSampleInversion")
+    sampler = result_node(prompt)
     save_source = add_save_latent(prompt, encoder, 0, f"{path.stem}_source")
     save_noise = add_save_latent(prompt, inverter, 0, f"{path.stem}_noise")
     save_result = add_save_latent(prompt, sampler, 0, f"{path.stem}_result")
@@ -97,7 +98,7 @@ def test_workflow_runs(path, server, client, object_info: dict, input_image: str
         # The previewed input came back through /view unchanged (up to the host's 8-bit truncation).
         assert len(preview) == 1 and np.abs(preview[0] - original).max() <= 1.5 / 255
 
-    if path.name.startswith("sd15_"):
+    if path.name == "sd15_invert_reconstruct.json":
         # Same prompt, guidance 1: the reconstruction error must shrink as the steps grow (a correct inversion
         # converges) and be small at 16 steps: 0.216 of the source latent's norm on the tiny checkpoint (0.75 at
         # 4 steps). Sampling back with another scheduler, another prompt or from the wrong trajectory point

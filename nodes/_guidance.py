@@ -1,0 +1,71 @@
+"""Guiders that act per sampling step of a known schedule (null-text, direct inversion), for SamplerCustomAdvanced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.conds
+import comfy.samplers
+import torch
+
+from ._host import model_family, model_name
+
+# How far a sampler's sigma may be from the schedule's, relative, and still count as that step. The host hands
+# sigmas back in the model's dtype; a flow schedule's top sigma may be 1 or the 1 - 1e-4 an inversion stops at.
+SIGMA_MATCH = 1e-3
+
+
+def step_index(step_sigmas: torch.Tensor, sigma: torch.Tensor | float) -> int | None:
+    """Index of the schedule step that starts at ``sigma``, or None if no step does."""
+    value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+    gaps = (step_sigmas.double() - value).abs()
+    k = int(gaps.argmin())
+    return k if float(gaps[k]) <= SIGMA_MATCH * max(abs(value), 1e-6) else None
+
+
+def with_crossattn(conds: list[dict], embedding: torch.Tensor) -> list[dict]:
+    """A copy of processed host conds whose cross-attention embedding is ``embedding`` (the originals stay)."""
+    return [{**c, "model_conds": {**c["model_conds"], "c_crossattn": comfy.conds.CONDCrossAttn(embedding)}}
+            for c in conds]
+
+
+class ScheduledGuider(comfy.samplers.CFGGuider):
+    """A CFGGuider bound to one inversion schedule and latent shape, checked before sampling starts."""
+
+    what = "this guider"
+
+    def __init__(self, model: Any, step_sigmas: torch.Tensor, latent_shape: tuple[int, ...],
+                 made_for: str, fix: str):
+        super().__init__(model)
+        self.step_sigmas = step_sigmas.detach().cpu()
+        self.latent_shape = tuple(latent_shape)
+        self.made_for, self.fix = made_for, fix
+
+    def step_of(self, sigma: torch.Tensor) -> int:
+        k = step_index(self.step_sigmas, sigma)
+        if k is None:
+            raise ValueError(f"{self.what} has no step at sigma {float(sigma.flatten()[0]):.6g}. {self.fix}")
+        return k
+
+    def check_schedule(self, sigmas: torch.Tensor) -> None:
+        starts = sigmas[:-1].detach().cpu()
+        unknown = [float(s) for s in starts if step_index(self.step_sigmas, s) is None]
+        if unknown or len(starts) > len(self.step_sigmas):
+            raise ValueError(
+                f"{self.what} was made for {self.made_for}: {len(self.step_sigmas)} steps from sigma "
+                f"{float(self.step_sigmas[0]):.4g} down to {float(self.step_sigmas[-1]):.4g}; the sampler's schedule "
+                f"has {len(starts)} steps from {float(starts[0]):.4g} and {len(unknown)} sigmas that are not among "
+                f"them (first: {unknown[0] if unknown else 'none'}). {self.fix}")
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None):
+        if tuple(latent_image.shape) != self.latent_shape:
+            raise ValueError(f"{self.what} was made for a latent of shape {list(self.latent_shape)}; this latent is "
+                             f"{list(latent_image.shape)}. Use the latent (the noise) of the inversion it was made from.")
+        self.check_schedule(sigmas)
+        return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+
+
+def check_record_fits(record: Any, model: Any, what: str) -> None:
+    """Raise if an inversion or null-text record was made for another model."""
+    record.check(family=model_family(model), model_name=model_name(model), what=what)

@@ -1,0 +1,108 @@
+"""The cheap relatives of null-text: negative-prompt inversion and direct inversion, as host guiders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.samplers
+
+from ..inversion.direct import corrected_denoised, trajectory_denoised
+from ..inversion.record import Inversion
+from ._api import io
+from ._guidance import ScheduledGuider, check_record_fits
+from ._host import Inversion as InversionType, check_steps_and_guidance, make_guider
+from .null_text import SCHEDULE_FIX
+
+GUIDANCE_TOOLTIP = "Classifier-free guidance to reconstruct or edit with (7.5 in the papers)."
+
+
+class DirectInversionGuider(ScheduledGuider):
+    """CFG plus, at every step, what the guided source branch misses of the inverted trajectory
+    (Ju et al. 2024, Algorithm 1). A target prompt gets the source branch's corrections. With the source prompt
+    itself (the same CONDITIONING wired to positive and source) the guider is the source branch, which follows
+    the trajectory exactly without evaluating the model."""
+
+    what = "this direct-inversion guider"
+
+    def __init__(self, model: Any, inversion: Inversion, positive: list, source: list, negative: list,
+                 guidance: float):
+        super().__init__(model, inversion.sigmas.flip(0)[:-1], inversion.latent_shape, "the inversion it was given",
+                         SCHEDULE_FIX)
+        self.on_path = inversion.trajectory.flip(0)[:-1]  # the inverted latent each sampling step starts from
+        self.targets = trajectory_denoised(inversion.trajectory, inversion.sigmas)
+        self.reconstructs = positive is source
+        self.inner_set_conds({"positive": positive, "source": source, "negative": negative})
+        self.set_cfg(guidance)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (the host's signature)
+        k = self.step_of(timestep)
+        target = self.targets[k].to(x)
+        if self.reconstructs:  # the source branch is the inverted trajectory: its corrected estimate is D*
+            return target
+        negative = self.conds.get("negative")
+        source = comfy.samplers.sampling_function(self.inner_model, self.on_path[k].to(x), timestep, negative,
+                                                  self.conds["source"], self.cfg, model_options=model_options, seed=seed)
+        denoised = comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, self.conds["positive"],
+                                                    self.cfg, model_options=model_options, seed=seed)
+        return corrected_denoised(denoised, source, target)
+
+
+class RetraceNegativePromptGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceNegativePromptGuider",
+            display_name="Retrace Negative-Prompt Inversion Guider",
+            category="Retrace/inversion/guidance",
+            description="Negative-prompt inversion (Miyake et al. 2023): the source prompt takes the place of the "
+                        "unconditional embedding, so full guidance reconstructs about as well as null-text with no "
+                        "optimisation at all. Use with Retrace Sample Inversion (Guider) or SamplerCustomAdvanced.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive", tooltip="The target prompt to edit with (the source prompt reconstructs)."),
+                io.Conditioning.Input("source", tooltip="The prompt that describes the source image, used as the negative."),
+                io.Float.Input("guidance", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip=GUIDANCE_TOOLTIP),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive: list, source: list, guidance: float) -> io.NodeOutput:
+        check_steps_and_guidance(1, guidance)
+        return io.NodeOutput(make_guider(model, positive, source, guidance))
+
+
+class RetraceDirectInversionGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceDirectInversionGuider",
+            display_name="Retrace Direct Inversion Guider",
+            category="Retrace/inversion/guidance",
+            description="Direct inversion (Ju et al., ICLR 2024, 'PnP Inversion'): each step adds back what the "
+                        "guided source branch misses of the inverted trajectory, so the source prompt reconstructs "
+                        "exactly and a target prompt edits with the same corrections. No optimisation; works for "
+                        "eps, v and flow models. Needs an Euler/DDIM sampler on the inversion's schedule.",
+            inputs=[
+                io.Model.Input("model"),
+                InversionType.Input("inversion"),
+                io.Conditioning.Input("positive", tooltip="The target prompt to edit with; connect the source prompt "
+                                                          "here as well to reconstruct."),
+                io.Conditioning.Input("source", tooltip="The prompt that describes the source image."),
+                io.Conditioning.Input("negative", tooltip="The unconditional prompt (normally empty)."),
+                io.Float.Input("guidance", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip=GUIDANCE_TOOLTIP),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion: Inversion, positive: list, source: list, negative: list,
+                guidance: float) -> io.NodeOutput:
+        check_steps_and_guidance(inversion.steps, guidance)
+        check_record_fits(inversion, model, "the inversion")
+        return io.NodeOutput(DirectInversionGuider(model, inversion, positive, source, negative, guidance))
+
+
+NODES = [RetraceNegativePromptGuider, RetraceDirectInversionGuider]

@@ -1,0 +1,178 @@
+"""Write a UI-format (0.4) workflow from a compact graph description, using the server's /object_info.
+
+For maintainers adding a workflow to workflows/: describe the nodes (type, widget values by name, links by
+input name) and let the host's own schemas fill in the slots, types and widget order the frontend expects.
+The end-to-end and browser tests then load the file as a user would.
+
+    python -m scripts.build_workflow  # rebuilds every graph in GRAPHS from a fresh headless server
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scripts.comfy_server import ComfyServer
+from scripts.workflow_api import has_control_widget, is_widget, ordered_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("retrace.build_workflow")
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[int, int]
+    widgets: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)  # input name -> (source node id, output slot)
+    title: str | None = None
+
+
+def build(nodes: list[Node], object_info: dict[str, Any], name: str) -> dict[str, Any]:
+    links: list[list[Any]] = []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    by_id = {n.id: n for n in nodes}
+    ui_nodes = []
+    for order, node in enumerate(nodes):
+        schema = object_info[node.type]
+        inputs, values = [], []
+        specs = ordered_inputs(schema)
+        unknown = set(node.widgets) | set(node.links)
+        unknown -= {n for n, _ in specs}
+        if unknown:
+            raise ValueError(f"{node.type} has no inputs {sorted(unknown)}")
+        optional = set((schema.get("input", {}).get("optional") or {}))
+        for input_name, spec in specs:  # sockets first, as the frontend lays them out
+            if is_widget(spec):
+                continue
+            link_id = None
+            if input_name in node.links:
+                src, slot = node.links[input_name]
+                link_id = len(links) + 1
+                kind = object_info[by_id[src].type]["output"][slot]
+                links.append([link_id, src, slot, node.id, len(inputs), kind])
+                out_links.setdefault((src, slot), []).append(link_id)
+            elif input_name not in optional:
+                raise ValueError(f"{node.type} input {input_name} is required but not linked")
+            entry = {"localized_name": input_name, "name": input_name, "type": spec[0], "link": link_id}
+            if input_name in optional:
+                entry["shape"] = 7
+            inputs.append(entry)
+        for input_name, spec in specs:
+            if not is_widget(spec):
+                continue
+            kind = "COMBO" if isinstance(spec[0], list) else spec[0]
+            inputs.append({"localized_name": input_name, "name": input_name, "type": kind,
+                           "widget": {"name": input_name}, "link": None})
+            if input_name not in node.widgets:
+                default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
+                if default is None and isinstance(spec[0], list) and spec[0]:
+                    default = spec[0][0]
+                values.append(default)
+            else:
+                values.append(node.widgets[input_name])
+            if has_control_widget(input_name, spec):
+                values.append("fixed")
+            if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("image_upload"):
+                values.append("image")  # the frontend's upload button keeps a value of its own
+        ui = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": [320, 120], "flags": {},
+              "order": order, "mode": 0, "inputs": inputs, "outputs": [],
+              "properties": {"cnr_id": "retrace" if node.type.startswith("Retrace") else "comfy-core",
+                             "ver": "0.1.0" if node.type.startswith("Retrace") else "0.3.75",
+                             "Node name for S&R": node.type},
+              "widgets_values": values}
+        if node.title:
+            ui["title"] = node.title
+        ui_nodes.append(ui)
+    for ui, node in zip(ui_nodes, nodes):
+        schema = object_info[node.type]
+        names = schema.get("output_name") or schema["output"]
+        for slot, (kind, out_name) in enumerate(zip(schema["output"], names)):
+            ui["outputs"].append({"localized_name": out_name, "name": out_name, "type": kind,
+                                  "links": out_links.get((node.id, slot), []), "slot_index": slot})
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"retrace/{name}")), "revision": 0,
+            "last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}, "frontendVersion": "1.32.9"}, "version": 0.4}
+
+
+def _prompts(clip: int, source: str, target: str, x: int = 420) -> list[Node]:
+    return [Node(4, "CLIPTextEncode", (x, 40), {"text": source}, {"clip": (clip, 1)}, "Source prompt"),
+            Node(5, "CLIPTextEncode", (x, 220), {"text": target}, {"clip": (clip, 1)}, "Edit prompt"),
+            Node(6, "CLIPTextEncode", (x, 400), {"text": ""}, {"clip": (clip, 1)}, "Negative prompt")]
+
+
+def _front(checkpoint: str, source: str, target: str) -> list[Node]:
+    """Checkpoint, image, prompts, inversion-ready encode and a guidance-1 inversion (node ids 1-7)."""
+    return [
+        Node(1, "CheckpointLoaderSimple", (40, 160), {"ckpt_name": checkpoint}),
+        Node(2, "LoadImage", (40, 340), {"image": "example.png"}),
+        Node(3, "RetraceVAEEncodeForInversion", (420, 560), {"refine_steps": 0}, {"image": (2, 0), "vae": (1, 2)}),
+        *_prompts(1, source, target),
+        Node(7, "RetraceInvert", (810, 160), {"steps": 50, "guidance": 1.0, "scheduler": "normal"},
+             {"model": (1, 0), "latent": (3, 0), "positive": (4, 0)}),
+    ]
+
+
+def _decode_and_save(latent: tuple[int, int], first_id: int, prefix: str, x: int) -> list[Node]:
+    return [Node(first_id, "VAEDecode", (x, 160), {}, {"samples": latent, "vae": (1, 2)}),
+            Node(first_id + 1, "SaveImage", (x + 260, 160), {"filename_prefix": prefix}, {"images": (first_id, 0)})]
+
+
+CAT, DOG = "a photo of a cat sitting on a wooden table", "a photo of a dog sitting on a wooden table"
+
+GRAPHS: dict[str, list[Node]] = {
+    "sd15_null_text_edit.json": [
+        *_front("v1-5-pruned-emaonly.safetensors", CAT, DOG),
+        Node(8, "RetraceNullTextInversion", (1170, 160), {"guidance": 7.5},
+             {"model": (1, 0), "inversion": (7, 1), "positive": (4, 0), "negative": (6, 0)}),
+        Node(9, "RetraceNullTextGuider", (1530, 160), {}, {"model": (1, 0), "null_text": (8, 0), "positive": (5, 0)}),
+        Node(10, "RetraceSampleInversionGuided", (1890, 160), {}, {"inversion": (7, 1), "guider": (9, 0)}),
+        *_decode_and_save((10, 0), 11, "retrace_sd15_null_text_edit", 2250),
+        Node(13, "VAEDecode", (1530, 420), {}, {"samples": (8, 1), "vae": (1, 2)}, "Decode reconstruction"),
+        Node(14, "SaveImage", (1890, 420), {"filename_prefix": "retrace_sd15_null_text_reconstruction"},
+             {"images": (13, 0)}),
+        Node(15, "RetraceSaveNullText", (1530, 600), {"filename_prefix": "null_text"}, {"null_text": (8, 0)}),
+    ],
+    "sdxl_npi_edit.json": [
+        *_front("sd_xl_base_1.0.safetensors", CAT, DOG),
+        Node(8, "RetraceNegativePromptGuider", (1170, 160), {"guidance": 7.5},
+             {"model": (1, 0), "positive": (5, 0), "source": (4, 0)}),
+        Node(9, "DisableNoise", (1170, 40)),
+        Node(10, "RetraceInversionSampler", (1170, 420), {"solver": "euler"}),
+        Node(11, "BasicScheduler", (1170, 560), {"scheduler": "normal", "steps": 50, "denoise": 1.0},
+             {"model": (1, 0)}),
+        Node(12, "SamplerCustomAdvanced", (1530, 160), {},
+             {"noise": (9, 0), "guider": (8, 0), "sampler": (10, 0), "sigmas": (11, 0), "latent_image": (7, 0)}),
+        *_decode_and_save((12, 0), 13, "retrace_sdxl_npi_edit", 1890),
+    ],
+    "sd15_direct_inversion_edit.json": [
+        *_front("v1-5-pruned-emaonly.safetensors", CAT, DOG),
+        Node(8, "RetraceDirectInversionGuider", (1170, 160), {"guidance": 7.5},
+             {"model": (1, 0), "inversion": (7, 1), "positive": (5, 0), "source": (4, 0), "negative": (6, 0)}),
+        Node(9, "RetraceSampleInversionGuided", (1530, 160), {}, {"inversion": (7, 1), "guider": (8, 0)}),
+        *_decode_and_save((9, 0), 10, "retrace_sd15_direct_inversion_edit", 1890),
+    ],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names = (argv if argv is not None else sys.argv[1:]) or list(GRAPHS)
+    with ComfyServer(run_dir=ROOT / ".cache" / "build_workflow") as server:
+        info = server.client().object_info()
+    for name in names:
+        path = ROOT / "workflows" / name
+        path.write_text(json.dumps(build(GRAPHS[name], info, name), indent=1) + "\n", encoding="utf-8")
+        log.info("wrote %s", path.relative_to(ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
