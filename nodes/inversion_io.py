@@ -63,23 +63,29 @@ def file_inputs(name: str, what: str) -> list:
     ]
 
 
+def save_schema(record: io.Input, prefix: str, *, node_id: str, display_name: str, category: str,
+                description: str) -> io.Schema:
+    return io.Schema(
+        node_id=node_id, display_name=display_name, category=category, description=description,
+        inputs=[record, io.String.Input("filename_prefix", default=prefix,
+                                        tooltip="Name prefix under output/retrace/; a counter is appended.")],
+        outputs=[], is_output_node=True)
+
+
+def load_schema(file_input: str, what: str, output: io.Output, *, node_id: str, display_name: str, category: str,
+                description: str) -> io.Schema:
+    register_folder()
+    return io.Schema(node_id=node_id, display_name=display_name, category=category, description=description,
+                     inputs=file_inputs(file_input, what), outputs=[output])
+
+
 class RetraceSaveInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="RetraceSaveInversion",
-            display_name="Retrace Save Inversion",
-            category="Retrace/inversion",
-            description="Save an inversion (noise, trajectory, sigmas, model family and shapes) to "
-                        "output/retrace/ as .safetensors. Never overwrites a file.",
-            inputs=[
-                InversionType.Input("inversion"),
-                io.String.Input("filename_prefix", default="inversion",
-                                tooltip="Name prefix under output/retrace/; a counter is appended."),
-            ],
-            outputs=[],
-            is_output_node=True,
-        )
+        return save_schema(InversionType.Input("inversion"), "inversion", node_id="RetraceSaveInversion",
+                           display_name="Retrace Save Inversion", category="Retrace/inversion",
+                           description="Save an inversion (noise, trajectory, sigmas, model family and shapes) to "
+                                       "output/retrace/ as .safetensors. Never overwrites a file.")
 
     @classmethod
     def execute(cls, inversion: Inversion, filename_prefix: str) -> io.NodeOutput:
@@ -89,16 +95,10 @@ class RetraceSaveInversion(io.ComfyNode):
 class RetraceLoadInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        register_folder()
-        return io.Schema(
-            node_id="RetraceLoadInversion",
-            display_name="Retrace Load Inversion",
-            category="Retrace/inversion",
-            description="Load a saved inversion and check that it fits the model (and latent, if given); "
-                        "a mismatch is named before anything runs.",
-            inputs=file_inputs("inversion_file", "inversion"),
-            outputs=[InversionType.Output()],
-        )
+        return load_schema("inversion_file", "inversion", InversionType.Output(), node_id="RetraceLoadInversion",
+                           display_name="Retrace Load Inversion", category="Retrace/inversion",
+                           description="Load a saved inversion and check that it fits the model (and latent, if "
+                                       "given); a mismatch is named before anything runs.")
 
     @classmethod
     def validate_inputs(cls, inversion_file: str, **_) -> bool | str:
@@ -112,20 +112,10 @@ class RetraceLoadInversion(io.ComfyNode):
 class RetraceSaveNullText(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="RetraceSaveNullText",
-            display_name="Retrace Save Null-Text",
-            category="Retrace/inversion/guidance",
-            description="Save null-text embeddings (with their schedule, model and guidance) to output/retrace/ as "
-                        ".safetensors. Never overwrites a file.",
-            inputs=[
-                NullTextType.Input("null_text"),
-                io.String.Input("filename_prefix", default="null_text",
-                                tooltip="Name prefix under output/retrace/; a counter is appended."),
-            ],
-            outputs=[],
-            is_output_node=True,
-        )
+        return save_schema(NullTextType.Input("null_text"), "null_text", node_id="RetraceSaveNullText",
+                           display_name="Retrace Save Null-Text", category="Retrace/inversion/guidance",
+                           description="Save null-text embeddings (with their schedule, model and guidance) to "
+                                       "output/retrace/ as .safetensors. Never overwrites a file.")
 
     @classmethod
     def execute(cls, null_text: NullText, filename_prefix: str) -> io.NodeOutput:
@@ -135,15 +125,10 @@ class RetraceSaveNullText(io.ComfyNode):
 class RetraceLoadNullText(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        register_folder()
-        return io.Schema(
-            node_id="RetraceLoadNullText",
-            display_name="Retrace Load Null-Text",
-            category="Retrace/inversion/guidance",
-            description="Load saved null-text embeddings and check that they fit the model (and latent, if given).",
-            inputs=file_inputs("null_text_file", "null-text"),
-            outputs=[NullTextType.Output()],
-        )
+        return load_schema("null_text_file", "null-text", NullTextType.Output(), node_id="RetraceLoadNullText",
+                           display_name="Retrace Load Null-Text", category="Retrace/inversion/guidance",
+                           description="Load saved null-text embeddings and check that they fit the model (and "
+                                       "latent, if given).")
 
     @classmethod
     def validate_inputs(cls, null_text_file: str, **_) -> bool | str:
