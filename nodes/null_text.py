@@ -83,7 +83,8 @@ class NullTextOptimizer(ScheduledGuider):
             initial = self.conds["negative"][0]["model_conds"]["c_crossattn"].cond
             self.embedding = comfy.utils.repeat_to_batch_size(initial, x.shape[0]).to(x.device, torch.float32)
         if math.isclose(self.cfg, 1.0):  # the uncond branch has no say at guidance 1: nothing to optimise
-            self.steps.append(NullTextStep(self.embedding, x, torch.zeros(x.shape[0]), torch.zeros(x.shape[0])))
+            idle = torch.zeros(x.shape[0], dtype=torch.long)
+            self.steps.append(NullTextStep(self.embedding, x, idle.float(), idle))
             return super().predict_noise(x, timestep, model_options, seed)
         if self.gradient_model is None:
             self.gradient_model = _GradientModel(self.inner_model)
