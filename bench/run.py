@@ -36,7 +36,7 @@ DESCRIPTIONS = {
     "vae_refine_psnr_before_db": "decode(encode(image)) PSNR, random-weight SD VAE, 64x64 (32x32 quick)",
     "vae_refine_psnr_gain_db": "PSNR gain of 20 decoder-refinement steps",
     "ddim_rel_err_cfg75": "tiny SD1.5 checkpoint, 50 steps: invert at guidance 1, reconstruct at 7.5 (relative L2)",
-    "nti_rel_err_cfg75": "null-text, default (Gauss-Newton, 2 iterations per step), reconstruction at 7.5",
+    "nti_rel_err_cfg75": "null-text, defaults (start from the source prompt, 1 Gauss-Newton iteration per step)",
     "nti_cost_ratio": "null-text (inversion + optimisation, which yields the reconstruction) / DDIM invert + "
                       "reconstruct (goal <= 3 with nti_rel_err within 10% of nti_full_rel_err)",
     "nti_full_rel_err_cfg75": "null-text, the paper's recipe without early stop (Adam, 10 inner steps)",

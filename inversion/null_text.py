@@ -24,6 +24,7 @@ from .samplers import check_sigmas, to_d
 
 Callback = Optional[Callable[[dict], None]]
 SOLVERS = ("adam", "gauss_newton")
+STARTS = ("source", "negative")
 
 
 class GuidedDenoiser(Protocol):
@@ -40,10 +41,16 @@ class GuidedDenoiser(Protocol):
 class NullTextSettings:
     """The optimisation recipe.
 
-    ``solver="adam"`` is the paper's (50 steps at guidance 7.5, SD v1-4): step ``i`` (0 = the noisiest) uses
-    Adam with learning rate ``lr * (1 - i * lr_decay)`` for at most ``inner_steps`` iterations and stops early
-    once the loss is below ``early_stop + i * early_stop_growth``. ``solver="gauss_newton"`` (the default)
-    solves the same per-step problem with ``gauss_newton_steps`` CGLS iterations (:func:`gauss_newton_step`).
+    ``solver="adam", start="negative"`` is the paper's recipe (50 steps at guidance 7.5, SD v1-4): from the
+    negative's embedding, step ``i`` (0 = the noisiest) uses Adam with learning rate ``lr * (1 - i * lr_decay)``
+    for at most ``inner_steps`` iterations and stops early once the loss is below
+    ``early_stop + i * early_stop_growth``.
+
+    The defaults are faster and, measured, more faithful: ``start="source"`` starts from the source prompt's
+    embedding, which is negative-prompt inversion's answer (Miyake et al. 2023, who propose it as null-text's
+    starting point), and ``solver="gauss_newton"`` solves each step's problem with ``gauss_newton_steps`` CGLS
+    iterations (:func:`gauss_newton_step`). The host adapter reads ``start``; the core takes the starting
+    embedding as given.
     """
 
     inner_steps: int = 10
@@ -52,7 +59,8 @@ class NullTextSettings:
     early_stop_growth: float = 2e-5
     lr_decay: float = 1e-2
     solver: str = "gauss_newton"
-    gauss_newton_steps: int = 2
+    gauss_newton_steps: int = 1
+    start: str = "source"
 
     def __post_init__(self) -> None:
         if self.inner_steps < 0 or self.gauss_newton_steps < 0:
@@ -60,6 +68,8 @@ class NullTextSettings:
                              f"{self.gauss_newton_steps}.")
         if self.lr <= 0:
             raise ValueError(f"learning rate must be > 0; got {self.lr}.")
+        if self.start not in STARTS:
+            raise ValueError(f"null-text start must be one of {STARTS}; got {self.start!r}.")
         if self.solver not in SOLVERS:
             raise ValueError(f"null-text solver must be one of {SOLVERS}; got {self.solver!r}.")
         if self.early_stop < 0 or self.early_stop_growth < 0:

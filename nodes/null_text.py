@@ -10,7 +10,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from ..inversion.null_text import SOLVERS, NullTextSettings, NullTextStep, loss_weight, solve_step
+from ..inversion.null_text import SOLVERS, STARTS, NullTextSettings, NullTextStep, loss_weight, solve_step
 from ..inversion.record import Inversion, NullText
 from ..inversion.schedules import reconstruction_sigmas
 from ._api import io
@@ -80,7 +80,8 @@ class NullTextOptimizer(ScheduledGuider):
         k = self.step_of(timestep)
         n = self.inversion.steps
         if self.embedding is None:
-            initial = self.conds["negative"][0]["model_conds"]["c_crossattn"].cond
+            branch = "negative" if self.settings.start == "negative" else "positive"
+            initial = self.conds[branch][0]["model_conds"]["c_crossattn"].cond
             self.embedding = comfy.utils.repeat_to_batch_size(initial, x.shape[0]).to(x.device, torch.float32)
         if math.isclose(self.cfg, 1.0):  # the uncond branch has no say at guidance 1: nothing to optimise
             idle = torch.zeros(x.shape[0], dtype=torch.long)
@@ -104,13 +105,13 @@ def negative_options(negative: list) -> dict[str, Any]:
     return {k: v for k, v in negative[0][1].items() if isinstance(v, (int, float, str, bool))}
 
 
-def check_negative(negative: list, batch: int) -> None:
-    if not isinstance(negative, list) or len(negative) != 1 or not isinstance(negative[0][0], torch.Tensor):
-        count = len(negative) if isinstance(negative, list) else type(negative).__name__
-        raise ValueError(f"null-text optimises one unconditional embedding: connect a single negative conditioning "
-                         f"(e.g. CLIP Text Encode of an empty prompt); got {count} entries.")
-    if negative[0][0].shape[0] not in (1, batch):
-        raise ValueError(f"the negative has a batch of {negative[0][0].shape[0]}; it must be 1 or the latent's {batch}.")
+def check_single(conditioning: list, batch: int, what: str) -> None:
+    if not isinstance(conditioning, list) or len(conditioning) != 1 or not isinstance(conditioning[0][0], torch.Tensor):
+        count = len(conditioning) if isinstance(conditioning, list) else type(conditioning).__name__
+        raise ValueError(f"null-text optimises one unconditional embedding: connect a single {what} conditioning "
+                         f"(one CLIP Text Encode, not a combination); got {count} entries.")
+    if conditioning[0][0].shape[0] not in (1, batch):
+        raise ValueError(f"the {what} has a batch of {conditioning[0][0].shape[0]}; it must be 1 or the latent's {batch}.")
 
 
 def optimize_null_text(model: Any, inversion: Inversion, positive: list, negative: list, guidance: float,
@@ -120,7 +121,9 @@ def optimize_null_text(model: Any, inversion: Inversion, positive: list, negativ
     check_steps_and_guidance(inversion.steps, guidance)
     check_record_fits(inversion, model, "the inversion")
     batch = inversion.latent_shape[0]
-    check_negative(negative, batch)
+    check_single(negative, batch, "negative")
+    if settings.start == "source":
+        check_single(positive, batch, "positive (source)")
     optimizer = NullTextOptimizer(model, inversion, settings)
     optimizer.set_conds(positive, negative)
     optimizer.set_cfg(guidance)
@@ -131,7 +134,7 @@ def optimize_null_text(model: Any, inversion: Inversion, positive: list, negativ
     device = comfy.model_management.intermediate_device()
     embeddings = torch.stack([s.embedding.detach().to(device) for s in optimizer.steps])
     pooled = negative[0][1].get("pooled_output")
-    extra = {"solver": settings.solver, "gauss_newton_steps": settings.gauss_newton_steps,
+    extra = {"solver": settings.solver, "start": settings.start, "gauss_newton_steps": settings.gauss_newton_steps,
              "inner_steps": settings.inner_steps, "lr": settings.lr, "early_stop": settings.early_stop,
              "negative_options": negative_options(negative),
              "loss": [s.loss.tolist() for s in optimizer.steps],
@@ -180,15 +183,21 @@ class RetraceNullTextInversion(io.ComfyNode):
                 io.Model.Input("model"),
                 InversionType.Input("inversion", tooltip="From Retrace Invert, made at guidance 1 with the source prompt."),
                 io.Conditioning.Input("positive", tooltip="The source prompt: the one the image was inverted with."),
-                io.Conditioning.Input("negative", tooltip="The starting unconditional embedding, normally the empty prompt."),
+                io.Conditioning.Input("negative", tooltip="The unconditional prompt, normally empty: its pooled output and "
+                                                          "sizes (SDXL) stay; with start = negative its embedding is "
+                                                          "where the optimisation starts."),
                 io.Float.Input("guidance", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="The guidance you will edit with (7.5 in the paper). At 1 there is nothing "
                                        "to optimise and the result is the plain inversion's."),
                 io.Combo.Input("solver", options=list(SOLVERS), default="gauss_newton",
                                tooltip="gauss_newton: Gauss-Newton with CGLS, about 2.5x the cost of plain inversion "
                                        "and reconstruction. adam: the paper's recipe (inner_steps, learning_rate, "
-                                       "early_stop), up to about 10x."),
-                io.Int.Input("gauss_newton_steps", default=2, min=1, max=50,
+                                       "early_stop), up to about 9x. Start 'negative' with adam is the paper exactly."),
+                io.Combo.Input("start", options=list(STARTS), default="source",
+                               tooltip="Where each image's optimisation starts. source: the source prompt's embedding, "
+                                       "negative-prompt inversion's answer (fast, faithful; Miyake et al. 2023). "
+                                       "negative: the negative's embedding, as in the null-text paper."),
+                io.Int.Input("gauss_newton_steps", default=1, min=1, max=50,
                              tooltip="CGLS iterations per sampling step (gauss_newton only); each costs about one "
                                      "forward and one backward pass."),
                 io.Int.Input("inner_steps", default=10, min=0, max=100,
@@ -210,9 +219,10 @@ class RetraceNullTextInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion: Inversion, positive: list, negative: list, guidance: float, solver: str,
-                gauss_newton_steps: int, inner_steps: int, learning_rate: float, early_stop: float) -> io.NodeOutput:
+                start: str, gauss_newton_steps: int, inner_steps: int, learning_rate: float,
+                early_stop: float) -> io.NodeOutput:
         settings = NullTextSettings(inner_steps=inner_steps, lr=learning_rate, early_stop=early_stop, solver=solver,
-                                    gauss_newton_steps=gauss_newton_steps)
+                                    start=start, gauss_newton_steps=gauss_newton_steps)
         return io.NodeOutput(*optimize_null_text(model, inversion, positive, negative, guidance, settings))
 
 

@@ -34,7 +34,8 @@ def null_text(model, trajectory, sigmas, settings, batch=1, record=None):
 
 def test_paper_schedule():
     s = NullTextSettings()
-    assert (s.inner_steps, s.lr, s.early_stop, s.solver, s.gauss_newton_steps) == (10, 1e-2, 1e-5, "gauss_newton", 2)
+    assert (s.inner_steps, s.lr, s.early_stop) == (10, 1e-2, 1e-5)  # the paper's, for solver="adam"
+    assert (s.solver, s.start, s.gauss_newton_steps) == ("gauss_newton", "source", 1)
     assert s.lr_at(0) == pytest.approx(1e-2) and s.lr_at(49) == pytest.approx(1e-2 * 0.51)
     assert s.threshold_at(0) == pytest.approx(1e-5) and s.threshold_at(49) == pytest.approx(1e-5 + 49 * 2e-5)
     assert loss_weight(0.0, "eps") == 1.0 and loss_weight(3.0, "v") == pytest.approx(0.1)
@@ -43,20 +44,21 @@ def test_paper_schedule():
 
 @pytest.mark.parametrize("bad, match", [(dict(inner_steps=-1), "inner_steps"), (dict(lr=0.0), "learning rate"),
                                         (dict(early_stop=-1e-5), "early-stop"), (dict(solver="sgd"), "solver"),
-                                        (dict(gauss_newton_steps=-1), "gauss_newton_steps")])
+                                        (dict(gauss_newton_steps=-1), "gauss_newton_steps"),
+                                        (dict(start="zeros"), "start")])
 def test_settings_reject_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         NullTextSettings(**bad)
 
 
-@pytest.mark.parametrize("solver", ["adam", "gauss_newton"])
-def test_null_text_beats_ddim_at_guidance_7_5(solver):
+@pytest.mark.parametrize("solver, steps", [("adam", 10), ("gauss_newton", 2)])
+def test_null_text_beats_ddim_at_guidance_7_5(solver, steps):
     model = PromptedGaussian(guidance=7.5)
     x0, sigmas, trajectory = inverted(model)
     ddim = S.sample_euler_ode(model.guided(model.null_embedding), trajectory[-1], sigmas.flip(0))
     ddim_err = rel(ddim, x0)
     record: list = []
-    nti = null_text(model, trajectory, sigmas, NullTextSettings(solver=solver, **FULL),
+    nti = null_text(model, trajectory, sigmas, NullTextSettings(solver=solver, gauss_newton_steps=steps, **FULL),
                     record=record)
     nti_err = rel(nti, x0)
     assert ddim_err > 0.1, "guidance 7.5 must drift for the test to mean anything"
