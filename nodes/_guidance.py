@@ -8,7 +8,6 @@ import comfy.conds
 import comfy.samplers
 import torch
 
-from ._host import model_family, model_name
 
 # How far a sampler's sigma may be from the schedule's, relative, and still count as that step. The host hands
 # sigmas back in the model's dtype; a flow schedule's top sigma may be 1 or the 1 - 1e-4 an inversion stops at.
@@ -64,8 +63,3 @@ class ScheduledGuider(comfy.samplers.CFGGuider):
                              f"{list(latent_image.shape)}. Use the latent (the noise) of the inversion it was made from.")
         self.check_schedule(sigmas)
         return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
-
-
-def check_record_fits(record: Any, model: Any, what: str) -> None:
-    """Raise if an inversion or null-text record was made for another model."""
-    record.check(family=model_family(model), model_name=model_name(model), what=what)

@@ -56,6 +56,11 @@ def base_model_of(k_model: Any) -> Any:
     return obj
 
 
+def check_fits(record: Any, model: Any, what: str, latent_shape: tuple[int, ...] | None = None) -> None:
+    """Raise if an inversion or null-text record was made for another model (or latent shape)."""
+    record.check(family=model_family(model), model_name=model_name(model), latent_shape=latent_shape, what=what)
+
+
 def check_latent(model: Any, latent: dict, what: str = "latent") -> torch.Tensor:
     """Return the LATENT's samples after checking they fit the model; raise a clear error if not."""
     samples = latent.get("samples") if isinstance(latent, dict) else None

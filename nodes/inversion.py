@@ -10,8 +10,8 @@ import torch
 from ..inversion.record import Inversion
 from ..inversion.schedules import SIGMA_FLOOR, inversion_sigmas, reconstruction_sigmas
 from ._api import io
-from ._host import (Inversion as InversionType, check_latent, check_steps_and_guidance, make_guider, model_family,
-                    model_name)
+from ._host import (Inversion as InversionType, check_fits, check_latent, check_steps_and_guidance, make_guider,
+                    model_family, model_name)
 from .samplers import SOLVERS, RetraceSampler, ode_sampler
 
 # Highest sigma of a flow-model inversion schedule meant for SamplerCustomAdvanced: the host divides the
@@ -66,7 +66,7 @@ def sample_inversion(model, inversion: Inversion, positive: list, negative: list
 
 def sample_with_guider(model, inversion: Inversion, guider, sampler: RetraceSampler | None = None) -> dict:
     """Sample back along the inversion's exact schedule from its noise, with any host guider."""
-    inversion.check(family=model_family(model), model_name=model_name(model), what="the inversion")
+    check_fits(inversion, model, "the inversion")
     if sampler is None:
         solver = inversion.method if inversion.method in SOLVERS else inversion.extra.get("solver", "euler")
         sampler = ode_sampler(solver)

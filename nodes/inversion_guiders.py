@@ -9,8 +9,8 @@ import comfy.samplers
 from ..inversion.direct import corrected_denoised, trajectory_denoised
 from ..inversion.record import Inversion
 from ._api import io
-from ._guidance import ScheduledGuider, check_record_fits
-from ._host import Inversion as InversionType, check_steps_and_guidance, make_guider
+from ._guidance import ScheduledGuider
+from ._host import Inversion as InversionType, check_fits, check_steps_and_guidance, make_guider
 from .null_text import SCHEDULE_FIX
 
 GUIDANCE_TOOLTIP = "Classifier-free guidance to reconstruct or edit with (7.5 in the papers)."
@@ -101,7 +101,7 @@ class RetraceDirectInversionGuider(io.ComfyNode):
     def execute(cls, model, inversion: Inversion, positive: list, source: list, negative: list,
                 guidance: float) -> io.NodeOutput:
         check_steps_and_guidance(inversion.steps, guidance)
-        check_record_fits(inversion, model, "the inversion")
+        check_fits(inversion, model, "the inversion")
         return io.NodeOutput(DirectInversionGuider(model, inversion, positive, source, negative, guidance))
 
 

@@ -9,7 +9,7 @@ import folder_paths
 
 from ..inversion.record import Inversion, NullText
 from ._api import io, ui
-from ._host import Inversion as InversionType, check_latent, model_family, model_name
+from ._host import Inversion as InversionType, check_fits, check_latent
 from .null_text import NullTextType
 
 FOLDER = "retrace_inversions"
@@ -45,7 +45,7 @@ def save_record(record: Inversion | NullText, filename_prefix: str) -> io.NodeOu
 def load_record(kind: type, file: str, model, latent: dict | None, what: str) -> io.NodeOutput:
     record = kind.load(folder_paths.get_full_path_or_raise(FOLDER, file))
     shape = None if latent is None else tuple(check_latent(model, latent).shape)
-    record.check(family=model_family(model), model_name=model_name(model), latent_shape=shape, what=f"{what} {file}")
+    check_fits(record, model, f"{what} {file}", shape)
     return io.NodeOutput(record)
 
 

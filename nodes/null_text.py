@@ -14,8 +14,8 @@ from ..inversion.null_text import SOLVERS, STARTS, NullTextSettings, NullTextSte
 from ..inversion.record import Inversion, NullText
 from ..inversion.schedules import reconstruction_sigmas
 from ._api import io
-from ._guidance import ScheduledGuider, check_record_fits, with_crossattn
-from ._host import Differentiable, Inversion as InversionType, check_steps_and_guidance
+from ._guidance import ScheduledGuider, with_crossattn
+from ._host import Differentiable, Inversion as InversionType, check_fits, check_steps_and_guidance
 from .inversion import run_guider
 from .samplers import ode_sampler
 
@@ -119,7 +119,7 @@ def optimize_null_text(model: Any, inversion: Inversion, positive: list, negativ
     """Null-text inversion through the host's guider and model manager; returns the embeddings and the
     reconstruction they give."""
     check_steps_and_guidance(inversion.steps, guidance)
-    check_record_fits(inversion, model, "the inversion")
+    check_fits(inversion, model, "the inversion")
     batch = inversion.latent_shape[0]
     check_single(negative, batch, "negative")
     if settings.start == "source":
@@ -246,7 +246,7 @@ class RetraceNullTextGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, null_text: NullText, positive: list) -> io.NodeOutput:
-        check_record_fits(null_text, model, "the null-text")
+        check_fits(null_text, model, "the null-text")
         return io.NodeOutput(NullTextGuider(model, null_text, positive))
 
 
