@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._api import ComfyExtension, io
+from .attention import NODES as ATTENTION_NODES
 from .inversion import NODES as INVERSION_NODES
 from .inversion_guiders import NODES as GUIDER_NODES
 from .inversion_io import NODES as INVERSION_IO_NODES, register_folder
@@ -11,7 +12,7 @@ from .samplers import NODES as SAMPLER_NODES
 from .vae_encode import NODES as VAE_NODES
 
 ALL_NODES: list[type[io.ComfyNode]] = [*VAE_NODES, *INVERSION_NODES, *SAMPLER_NODES, *INVERSION_IO_NODES,
-                                        *NULL_TEXT_NODES, *GUIDER_NODES]
+                                        *NULL_TEXT_NODES, *GUIDER_NODES, *ATTENTION_NODES]
 
 
 class RetraceExtension(ComfyExtension):

@@ -9,6 +9,7 @@ import comfy.samplers
 from ..inversion.direct import corrected_denoised, trajectory_denoised
 from ..inversion.record import Inversion
 from ._api import io
+from ._attention_hooks import records_attention, source_branch_options
 from ._guidance import ScheduledGuider
 from ._host import Inversion as InversionType, check_fits, check_steps_and_guidance, make_guider
 from .null_text import SCHEDULE_FIX
@@ -37,11 +38,17 @@ class DirectInversionGuider(ScheduledGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (the host's signature)
         k = self.step_of(timestep)
         target = self.targets[k].to(x)
-        if self.reconstructs:  # the source branch is the inverted trajectory: its corrected estimate is D*
+        recording = records_attention(model_options)
+        if self.reconstructs and not recording:  # the source branch is the inverted trajectory: its estimate is D*
             return target
         negative = self.conds.get("negative")
+        # The source branch on the trajectory: an attention store records it when reconstructing; otherwise it is
+        # marked, so that neither a store nor an inject touches it.
+        branch = model_options if self.reconstructs else source_branch_options(model_options)
         source = comfy.samplers.sampling_function(self.inner_model, self.on_path[k].to(x), timestep, negative,
-                                                  self.conds["source"], self.cfg, model_options=model_options, seed=seed)
+                                                  self.conds["source"], self.cfg, model_options=branch, seed=seed)
+        if self.reconstructs:
+            return target
         denoised = comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, self.conds["positive"],
                                                     self.cfg, model_options=model_options, seed=seed)
         return corrected_denoised(denoised, source, target)

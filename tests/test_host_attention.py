@@ -1,0 +1,179 @@
+"""Attention store and inject on tiny host models of the four families (SD1.5, SDXL UNets; Flux, SD3 DiTs):
+exact identities, a clone that leaves the original alone, and bad input refused before the model runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from paths import HOST, ensure_host
+
+if not HOST.is_dir():
+    pytest.skip("the host is not unpacked in .host/ComfyUI (GUIDE section 1)", allow_module_level=True)
+ensure_host()
+
+import comfy.samplers  # noqa: E402
+import tiny_models  # noqa: E402
+from retrace.editing.attention_store import AttentionBudgetError, AttentionStore, StoreSettings  # noqa: E402
+from retrace.editing.prompt_to_prompt import InjectSettings, TokenEdit  # noqa: E402
+from retrace.nodes._attention_hooks import (  # noqa: E402
+    AttentionInjector, AttentionRecorder, identity_of, layer_specs)
+
+pytestmark = pytest.mark.host
+
+KINDS = ("sd15", "sdxl", "flux", "sd3")
+STEPS = 4
+TOKENS = 77
+TOLERANCE = 1e-5
+CFG = 7.5
+
+
+class Case:
+    """A tiny model with a counter on its network calls, prompts, and a fixed start noise."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.calls = 0
+        self.model = tiny_models.build_model(kind)
+        self.model.set_model_unet_function_wrapper(self._count)
+        self.source = tiny_models.conditioning(kind, seed=1)
+        # A word swap: the source prompt with two tokens' embeddings replaced.
+        self.target = [[c.clone(), dict(extras)] for c, extras in self.source]
+        self.target[0][0][:, 4:6] = tiny_models.conditioning(kind, seed=2)[0][0][:, 4:6]
+        self.negative = tiny_models.conditioning(kind, seed=3)
+        # An image-like latent in model space, noised part of the way (outputs at a real model's scale).
+        self.latent = self.model.get_model_object("latent_format").process_in(tiny_models.latent(kind)["samples"])
+        self.noise = torch.randn(self.latent.shape, generator=torch.Generator().manual_seed(5))
+        ms = self.model.get_model_object("model_sampling")
+        self.sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 2 * STEPS).float()[-STEPS - 1:]
+
+    def _count(self, apply_model: Any, args: dict) -> torch.Tensor:
+        self.calls += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def sample(self, model: Any, positive: list | None = None, latent: torch.Tensor | None = None) -> torch.Tensor:
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive or self.source, self.negative)
+        guider.set_cfg(CFG)
+        latent = self.latent if latent is None else latent
+        noise = self.noise if latent is self.latent else torch.zeros_like(latent)
+        with torch.inference_mode():
+            return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), self.sigmas, seed=0,
+                                 disable_pbar=True)
+
+    def store(self, **settings: Any) -> tuple[Any, AttentionStore]:
+        store = AttentionStore(StoreSettings(**{"layers": "all", "dtype": torch.float32, **settings}))
+        return AttentionRecorder(store, identity_of(self.model), None).install(self.model.clone()), store
+
+    def inject(self, store: AttentionStore | None, **settings: Any) -> Any:
+        hook = AttentionInjector(store, InjectSettings(**settings), identity_of(self.model), None)
+        return hook.install(self.model.clone())
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def case(request: pytest.FixtureRequest) -> Case:
+    return Case(request.param)
+
+
+@pytest.fixture(scope="module")
+def source_pass(case: Case) -> tuple[torch.Tensor, torch.Tensor, AttentionStore]:
+    """The plain result and the stored source pass (queries and keys of every layer, float32)."""
+    plain = case.sample(case.model)
+    patched, store = case.store()
+    return plain, case.sample(patched), store
+
+
+IDENTITY = TokenEdit(mapper=torch.eye(TOKENS))
+
+
+def test_store_changes_nothing_and_fills_every_layer(case: Case, source_pass) -> None:
+    plain, stored, store = source_pass
+    assert torch.equal(plain, stored)
+    assert store.complete and store.steps == STEPS
+    assert len(store.layers) == len(store.specs) > 0
+    assert len(store.entries) == STEPS * len(store.specs)
+    assert sorted(store.denoised) == list(range(STEPS))
+    kinds = {s.kind for s in store.specs}
+    assert kinds == ({"self", "cross"} if case.kind in ("sd15", "sdxl") else {"joint"})
+
+
+def test_same_prompt_full_injection_is_the_source_pass(case: Case, source_pass) -> None:
+    """P2P's identity: target = source, cross- and self-attention injected at every step."""
+    _, stored, store = source_pass
+    edited = case.sample(case.inject(store, edit=IDENTITY, cross_steps=1.0, self_mode="replace", self_steps=1.0))
+    assert (edited - stored).abs().max().item() <= TOLERANCE
+
+
+def test_injection_changes_an_edit(case: Case, source_pass) -> None:
+    """A word swap with the source's attention injected is neither the free edit nor the source pass (the
+    identity above cannot tell an injector that does nothing from one that works; the core tests check the
+    edited attention against P2P's formulas)."""
+    _, stored, store = source_pass
+    free = case.sample(case.model, positive=case.target)
+    injected = case.sample(case.inject(store, edit=IDENTITY, cross_steps=1.0, self_mode="replace", self_steps=1.0),
+                           positive=case.target)
+    assert (injected - free).abs().max().item() > 1e-3
+    assert (injected - stored).abs().max().item() > 1e-3
+
+
+def test_mutual_self_attention_with_same_prompt_is_the_source_pass(case: Case) -> None:
+    patched, store = case.store(cross=False, self_mode="kv")
+    stored = case.sample(patched)
+    edited = case.sample(case.inject(store, self_mode="mutual", mutual_start_step=0, mutual_start_layer=0))
+    assert (edited - stored).abs().max().item() <= TOLERANCE
+
+
+def test_reweight_by_one_is_no_patch(case: Case, source_pass) -> None:
+    plain = source_pass[0]
+    weights = TokenEdit(weights=torch.ones(TOKENS))
+    reweighted = case.sample(case.inject(None, edit=weights, cross_steps=1.0, self_mode="off"))
+    assert (reweighted - plain).abs().max().item() <= TOLERANCE
+    doubled = TokenEdit(weights=torch.ones(TOKENS).index_fill_(0, torch.tensor([3, 4]), 3.0))
+    changed = case.sample(case.inject(None, edit=doubled, cross_steps=1.0, self_mode="off"))
+    assert (changed - plain).abs().max().item() > 1e-3
+
+
+def test_local_blend_with_empty_mask_returns_the_source_exactly(case: Case, source_pass) -> None:
+    _, stored, store = source_pass
+    patched = case.inject(store, edit=IDENTITY, cross_steps=1.0, self_mode="off", blend_target=(2, 3),
+                          blend_source=(2,), blend_threshold=1.0, blend_start=0.0)
+    assert torch.equal(case.sample(patched, positive=case.target), stored)
+    full = case.inject(store, edit=IDENTITY, cross_steps=1.0, self_mode="off", blend_target=(2, 3),
+                       blend_source=(2,), blend_threshold=0.0, blend_start=0.0)
+    assert not torch.equal(case.sample(full, positive=case.target), stored)
+
+
+def test_patched_model_is_a_clone(case: Case, source_pass) -> None:
+    plain, _, store = source_pass
+    case.sample(case.inject(store, edit=IDENTITY, cross_steps=1.0), positive=case.target)
+    assert torch.equal(case.sample(case.model), plain)
+    assert "optimized_attention_override" not in case.model.model_options.get("transformer_options", {})
+
+
+def test_budget_exceeded_is_refused_before_the_network_runs(case: Case) -> None:
+    patched, store = case.store(budget_bytes=1000)
+    before = case.calls
+    with pytest.raises(AttentionBudgetError, match=r"would store .* MB .* over the budget"):
+        case.sample(patched)
+    assert case.calls == before and not store.entries
+
+
+def test_store_from_another_resolution_or_model_is_refused(case: Case, source_pass) -> None:
+    store = source_pass[2]
+    bigger = torch.zeros((*case.latent.shape[:2], case.latent.shape[2] + 4, case.latent.shape[3] + 4))
+    before = case.calls
+    with pytest.raises(ValueError, match="latent of shape"):
+        case.sample(case.inject(store, edit=IDENTITY), latent=bigger)
+    other = AttentionInjector(store, InjectSettings(edit=IDENTITY), {"model": "SD3", "family": "flow"}, None)
+    if case.kind != "sd3":
+        with pytest.raises(ValueError, match="filled by a"):
+            case.sample(other.install(case.model.clone()))
+    assert case.calls == before
+
+
+def test_layer_specs_match_the_calls(case: Case, source_pass) -> None:
+    store = source_pass[2]
+    diffusion_model = case.model.model.diffusion_model
+    assert layer_specs(diffusion_model, tuple(case.latent.shape), TOKENS) == store.specs
