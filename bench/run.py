@@ -44,6 +44,14 @@ DESCRIPTIONS = {
     "npi_rel_err_cfg75": "negative-prompt inversion at 7.5",
     "direct_rel_err_cfg75": "direct inversion at 7.5 (source branch)",
     "nti_peak_mem_mb": "peak resident memory added during the default null-text optimisation (CPU RSS)",
+    "attn_store_overhead_ratio": "tiny SD1.5 checkpoint, 50 steps at 7.5: store pass (every layer's cross and self "
+                                 "queries/keys, float16) / plain pass (goal <= 1.15)",
+    "attn_inject_overhead_ratio": "edit pass with P2P defaults (replace 0.8, self replace 0.4, local blend) / plain "
+                                  "pass (goal <= 1.15)",
+    "attn_store_mb_per_step": "tiny SD1.5 checkpoint, stored per step at default layers (its one level has no "
+                              "self-attention below the finest)",
+    "attn_store_mb_per_step_all": "the same, every layer",
+    "attn_store_mb_per_step_sd15_512": "full-size SD1.5 at 512 px, default layers, from its layer shapes (goal <= 64)",
 }
 
 
@@ -207,6 +215,74 @@ def null_text_metrics(quick: bool) -> dict[str, float]:
     return metrics
 
 
+# Full-size SD1.5's UNet config in the host's layout (the checkpoint's detected config).
+SD15_UNET = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
+             "use_spatial_transformer": True, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+             "legacy": False, "use_linear_in_transformer": False, "adm_in_channels": None,
+             "use_temporal_attention": False, "use_temporal_resblock": False}
+
+
+def attention_metrics(quick: bool) -> dict[str, float]:
+    """Store and inject passes against a plain pass, side by side, on the tiny SD1.5 checkpoint; store size per
+    step there and, from its layer shapes, for full-size SD1.5 at 512 px."""
+    import comfy.ops
+    import comfy.samplers
+    import comfy.sd
+    import tiny_checkpoint
+    import tiny_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from retrace.editing.attention_store import AttentionStore, StoreSettings, bytes_per_step
+    from retrace.editing.prompt_to_prompt import InjectSettings, TokenEdit
+    from retrace.nodes._attention_hooks import AttentionInjector, AttentionRecorder, identity_of, layer_specs
+
+    model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint.write_checkpoint()), output_vae=False,
+                                                           output_clip=False)
+    size, steps, repeats = (16, 10, 1) if quick else (32, 50, 3)
+    x0 = model.model.process_latent_in(tiny_models.latent("sd15", height=size, width=size)["samples"])
+    source, negative = tiny_models.conditioning("sd15", seed=0), tiny_models.conditioning("sd15", seed=1)
+    target = [[source[0][0].clone(), dict(source[0][1])]]
+    target[0][0][:, 4:6] = tiny_models.conditioning("sd15", seed=2)[0][0][:, 4:6]  # a word swap
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).float()
+
+    def sample(patched, positive: list) -> torch.Tensor:
+        guider = comfy.samplers.CFGGuider(patched)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(7.5)
+        with torch.inference_mode():
+            return guider.sample(noise, torch.zeros_like(x0), comfy.samplers.sampler_object("euler"), sigmas, seed=0,
+                                 disable_pbar=True)
+
+    identity = identity_of(model)
+    stores = {name: AttentionStore(StoreSettings(layers=name)) for name in ("auto", "all")}
+    recorders = {name: AttentionRecorder(store, identity, None).install(model.clone()) for name, store in stores.items()}
+    settings = InjectSettings(edit=TokenEdit(mapper=torch.eye(77)), blend_target=(4, 5), blend_source=(4, 5))
+    injector = AttentionInjector(stores["all"], settings, identity, None).install(model.clone())
+    sample(model, source)  # warm-up
+    times = {"plain": [], "store": [], "inject": []}
+    for _ in range(repeats):  # interleaved, so drifts of the machine fall on all three alike
+        for name, fn in (("plain", lambda: sample(model, source)), ("store", lambda: sample(recorders["all"], source)),
+                         ("inject", lambda: sample(injector, target))):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    sample(recorders["auto"], source)
+    plain = min(times["plain"])
+    metrics = {"attn_store_overhead_ratio": min(times["store"]) / plain,
+               "attn_inject_overhead_ratio": min(times["inject"]) / plain}
+    for name, key in (("auto", "attn_store_mb_per_step"), ("all", "attn_store_mb_per_step_all")):
+        metrics[key] = stores[name].stored_bytes() / steps / 2**20
+    with torch.device("meta"):
+        unet = UNetModel(**SD15_UNET, device="meta", operations=comfy.ops.disable_weight_init)
+    metrics["attn_store_mb_per_step_sd15_512"] = bytes_per_step(layer_specs(unet, (1, 4, 64, 64), 77),
+                                                                StoreSettings()) / 2**20
+    log.info("attention: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller latents and one repeat (under 3 minutes)")
@@ -220,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("oracle metrics in %.0fs", time.perf_counter() - started)
     metrics.update(host_metrics(args.quick))
     metrics.update(null_text_metrics(args.quick))
+    metrics.update(attention_metrics(args.quick))
     metrics["bench_seconds"] = time.perf_counter() - started
     metrics["quick"] = 1.0 if args.quick else 0.0
     out = Path(args.out)

@@ -162,6 +162,95 @@ GRAPHS: dict[str, list[Node]] = {
 }
 
 
+def _attention_front(loaders: list[Node], model: tuple[int, int], clip: tuple[int, int], vae: tuple[int, int],
+                     source: str, target: str, steps: int, scheduler: str, negative: bool = True) -> list[Node]:
+    """Loaders, image, prompt pair, negative, inversion-ready encode and a guidance-1 inversion (ids up to 7)."""
+    nodes = [
+        *loaders,
+        Node(2, "LoadImage", (40, 340), {"image": "example.png"}),
+        Node(3, "RetraceVAEEncodeForInversion", (420, 560), {"refine_steps": 0}, {"image": (2, 0), "vae": vae}),
+        Node(4, "RetracePromptPair", (420, 40), {"source": source, "target": target}, {"clip": clip}),
+        Node(6, "CLIPTextEncode", (420, 360), {"text": ""}, {"clip": clip}, "Negative prompt"),
+        Node(7, "RetraceInvert", (810, 160), {"steps": steps, "guidance": 1.0, "scheduler": scheduler},
+             {"model": model, "latent": (3, 0), "positive": (4, 0)}),
+    ]
+    return nodes if negative else [n for n in nodes if n.id != 6]
+
+
+SD15 = [Node(1, "CheckpointLoaderSimple", (40, 160), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"})]
+SDXL = [Node(1, "CheckpointLoaderSimple", (40, 160), {"ckpt_name": "sd_xl_base_1.0.safetensors"})]
+FLUX = [Node(1, "UNETLoader", (40, 40), {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}),
+        Node(5, "DualCLIPLoader", (40, 180), {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                              "type": "flux", "device": "default"}),
+        Node(8, "VAELoader", (40, 480), {"vae_name": "ae.safetensors"})]
+
+ATTENTION_GRAPHS: dict[str, list[Node]] = {
+    # Mokady et al.'s recipe: null-text inversion, then Prompt-to-Prompt word swap with local blend.
+    "sd15_p2p_word_swap.json": [
+        *_attention_front(SD15, (1, 0), (1, 1), (1, 2), CAT, DOG, 50, "normal"),
+        Node(8, "RetraceNullTextInversion", (1170, 160), {"guidance": 7.5},
+             {"model": (1, 0), "inversion": (7, 1), "positive": (4, 0), "negative": (6, 0)}),
+        Node(9, "RetraceAttentionStore", (1170, 480), {}, {"model": (1, 0)}),
+        Node(10, "RetraceNullTextGuider", (1530, 160), {}, {"model": (9, 0), "null_text": (8, 0), "positive": (4, 0)},
+             "Source pass guider"),
+        Node(11, "RetraceSampleInversionGuided", (1890, 160), {}, {"inversion": (7, 1), "guider": (10, 0)},
+             "Source pass"),
+        Node(12, "RetraceAttentionInject", (1530, 420), {"mode": "replace", "blend_words": "cat, dog"},
+             {"model": (1, 0), "pair": (4, 2), "store": (9, 1), "source_result": (11, 0)}),
+        Node(13, "RetraceNullTextGuider", (1890, 420), {}, {"model": (12, 0), "null_text": (8, 0), "positive": (4, 1)},
+             "Edit pass guider"),
+        Node(14, "RetraceSampleInversionGuided", (2250, 420), {}, {"inversion": (7, 1), "guider": (13, 0)},
+             "Edit pass"),
+        *_decode_and_save((14, 0), 15, "retrace_sd15_p2p_word_swap", 2610),
+    ],
+    # Reweighting one word of an unchanged prompt, on negative-prompt inversion.
+    "sdxl_p2p_reweight.json": [
+        *_attention_front(SDXL, (1, 0), (1, 1), (1, 2), CAT, CAT, 50, "normal", negative=False),
+        Node(9, "RetraceAttentionStore", (1170, 480), {}, {"model": (1, 0)}),
+        Node(10, "RetraceNegativePromptGuider", (1170, 160), {"guidance": 7.5},
+             {"model": (9, 0), "positive": (4, 0), "source": (4, 0)}, "Source pass guider"),
+        Node(11, "RetraceSampleInversionGuided", (1530, 160), {}, {"inversion": (7, 1), "guider": (10, 0)},
+             "Source pass"),
+        Node(12, "RetraceAttentionInject", (1530, 420),
+             {"mode": "replace", "self_attention": "off", "reweight_words": "wooden", "reweight_factor": 2.0},
+             {"model": (1, 0), "pair": (4, 2), "store": (9, 1), "source_result": (11, 0)}),
+        Node(13, "RetraceNegativePromptGuider", (1890, 420), {"guidance": 7.5},
+             {"model": (12, 0), "positive": (4, 1), "source": (4, 0)}, "Edit pass guider"),
+        Node(14, "RetraceSampleInversionGuided", (2250, 420), {}, {"inversion": (7, 1), "guider": (13, 0)},
+             "Edit pass"),
+        *_decode_and_save((14, 0), 15, "retrace_sdxl_p2p_reweight", 2610),
+    ],
+    # Flux: rectified-flow inversion, then the source's joint attention injected into the edit.
+    "flux_p2p_edit.json": [
+        *_attention_front(FLUX, (1, 0), (5, 0), (8, 0), CAT, DOG, 28, "simple", negative=False),
+        Node(9, "RetraceAttentionStore", (1170, 480), {}, {"model": (1, 0)}),
+        Node(10, "BasicGuider", (1170, 160), {}, {"model": (9, 0), "conditioning": (4, 0)}, "Source pass guider"),
+        Node(11, "RetraceSampleInversionGuided", (1530, 160), {}, {"inversion": (7, 1), "guider": (10, 0)},
+             "Source pass"),
+        Node(12, "RetraceAttentionInject", (1530, 420), {"mode": "replace"},
+             {"model": (1, 0), "pair": (4, 2), "store": (9, 1), "source_result": (11, 0)}),
+        Node(13, "BasicGuider", (1890, 420), {}, {"model": (12, 0), "conditioning": (4, 1)}, "Edit pass guider"),
+        Node(14, "RetraceSampleInversionGuided", (2250, 420), {}, {"inversion": (7, 1), "guider": (13, 0)},
+             "Edit pass"),
+        Node(15, "VAEDecode", (2610, 160), {}, {"samples": (14, 0), "vae": (8, 0)}),
+        Node(16, "SaveImage", (2870, 160), {"filename_prefix": "retrace_flux_p2p_edit"}, {"images": (15, 0)}),
+    ],
+    # Where each word looks: the source pass's cross-attention as heatmaps over the photo.
+    "sd15_attention_maps.json": [
+        *_attention_front(SD15, (1, 0), (1, 1), (1, 2), CAT, "", 50, "normal", negative=False),
+        Node(9, "RetraceAttentionStore", (1170, 480), {"self_attention": "off"}, {"model": (1, 0)}),
+        Node(10, "RetraceNegativePromptGuider", (1170, 160), {"guidance": 7.5},
+             {"model": (9, 0), "positive": (4, 0), "source": (4, 0)}),
+        Node(11, "RetraceSampleInversionGuided", (1530, 160), {}, {"inversion": (7, 1), "guider": (10, 0)}),
+        Node(12, "RetraceAttentionMaps", (1890, 420), {"words": "cat"},
+             {"store": (9, 1), "pair": (4, 2), "samples": (11, 0), "image": (2, 0)}),
+        Node(13, "SaveImage", (2250, 420), {"filename_prefix": "retrace_attention_maps"}, {"images": (12, 0)}),
+        *_decode_and_save((11, 0), 14, "retrace_sd15_attention_maps_reconstruction", 1890),
+    ],
+}
+GRAPHS.update(ATTENTION_GRAPHS)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = (argv if argv is not None else sys.argv[1:]) or list(GRAPHS)

@@ -3,6 +3,7 @@ exact identities, a clone that leaves the original alone, and bad input refused 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -177,3 +178,64 @@ def test_layer_specs_match_the_calls(case: Case, source_pass) -> None:
     store = source_pass[2]
     diffusion_model = case.model.model.diffusion_model
     assert layer_specs(diffusion_model, tuple(case.latent.shape), TOKENS) == store.specs
+
+
+class TokenizingClip:
+    """The host's real CLIP-L tokenizer behind the one method Retrace Prompt Pair's alignment calls."""
+
+    def __init__(self) -> None:
+        import comfy.sd1_clip
+
+        self.tokenizer = comfy.sd1_clip.SD1Tokenizer()
+
+    def tokenize(self, text: str, return_word_ids: bool = False) -> dict:
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids=True)
+
+
+def pair_of(source: str, target: str) -> Any:
+    from retrace.nodes._prompts import context_tokens
+    from retrace.nodes.attention import PromptPair
+
+    clip = TokenizingClip()
+    return PromptPair(source, target, context_tokens(clip, source, TOKENS), context_tokens(clip, target, TOKENS), clip)
+
+
+def inject_node(model: Any, pair: Any, store: AttentionStore | None, source_result: dict | None, **widgets: Any):
+    from retrace.nodes.attention import RetraceAttentionInject
+
+    values = {"mode": "replace", "cross_steps": 0.8, "self_attention": "replace", "self_steps": 0.4,
+              "mutual_start_step": 4, "mutual_start_layer": 10, "reweight_words": "", "reweight_factor": 1.0,
+              "blend_words": "", "blend_threshold": 0.3, "blend_start": 0.2, **widgets}
+    return RetraceAttentionInject.execute(model, pair, store=store, source_result=source_result, **values)
+
+
+def test_inject_node_refuses_bad_input_before_sampling(case: Case, source_pass) -> None:
+    if case.kind != "sd15":
+        pytest.skip("node-level checks are the same for every family")
+    store = source_pass[2]
+    result = {"samples": torch.zeros(case.latent.shape)}
+    swap = pair_of("a photo of a cat", "a photo of a dog")
+    patched = inject_node(case.model, swap, store, result, blend_words="cat, dog").args[0]
+    assert patched is not case.model
+    with pytest.raises(ValueError, match="same number of words: source has 5, target has 7"):
+        inject_node(case.model, pair_of("a photo of a cat", "a photo of a big fluffy cat"), store, result)
+    with pytest.raises(ValueError, match="need the source pass's attention"):
+        inject_node(case.model, swap, None, None)
+    with pytest.raises(ValueError, match="source_result is not"):
+        inject_node(case.model, swap, store, None)
+    with pytest.raises(ValueError, match="latent of shape"):
+        inject_node(case.model, swap, store, {"samples": torch.zeros(1, 4, 16, 16)})
+    with pytest.raises(ValueError, match="the attention store is empty"):
+        inject_node(case.model, swap, AttentionStore(), result)
+    with pytest.raises(ValueError, match="blend word 'horse' is in neither prompt"):
+        inject_node(case.model, swap, store, result, blend_words="horse")
+    with pytest.raises(ValueError, match="already carries a Retrace attention"):
+        inject_node(patched, swap, store, result)
+    kv_only = dataclasses.replace(store, settings=StoreSettings(self_mode="kv"))
+    with pytest.raises(ValueError, match="needs a store with self_attention 'queries and keys'"):
+        inject_node(case.model, swap, kv_only, result)
+    # Reweighting alone needs no store; the words are found with the real tokenizer ("wooden" is one token).
+    edit = inject_node(case.model, pair_of("a cat on a wooden table", "a cat on a wooden table"), None, None,
+                       mode="none", self_attention="off", reweight_words="wooden", reweight_factor=2.0).args[0]
+    weights = edit.model_options["transformer_options"]["optimized_attention_override"].settings.edit.weights
+    assert weights[5] == 2.0 and weights.sum() == TOKENS + 1

@@ -25,9 +25,14 @@ WORKFLOW_KINDS: dict[str, str | None] = {
     "sd15_null_text_edit.json": None,
     "sdxl_npi_edit.json": "sdxl",
     "sd15_direct_inversion_edit.json": None,
+    "sd15_p2p_word_swap.json": None,
+    "sdxl_p2p_reweight.json": "sdxl",
+    "flux_p2p_edit.json": "flux",
+    "sd15_attention_maps.json": None,
 }
 
-# The node whose LATENT is a workflow's result: each workflow has exactly one of these.
+# The node whose LATENT is a workflow's result: of these, the one downstream of all others (an attention edit
+# samples a source pass first).
 RESULT_NODES = ("RetraceSampleInversion", "RetraceSampleInversionGuided", "SamplerCustomAdvanced")
 
 # Real loader -> the test loader with the same outputs in the same slots (tests/e2e_nodes/retrace_test_loaders).
@@ -77,10 +82,23 @@ def add_save_latent(prompt: ApiPrompt, source: str, slot: int, prefix: str) -> s
     return node_id
 
 
+def upstream(prompt: ApiPrompt, node_id: str) -> set[str]:
+    """Every node ``node_id`` depends on."""
+    seen: set[str] = set()
+    todo = [node_id]
+    while todo:
+        for value in prompt[todo.pop()]["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt and str(value[0]) not in seen:
+                seen.add(str(value[0]))
+                todo.append(str(value[0]))
+    return seen
+
+
 def result_node(prompt: ApiPrompt) -> str:
     found = [nid for nid, node in prompt.items() if node["class_type"] in RESULT_NODES]
-    assert len(found) == 1, f"expected one of {RESULT_NODES}, found {found}"
-    return found[0]
+    last = [nid for nid in found if set(found) - {nid} <= upstream(prompt, nid)]
+    assert len(last) == 1, f"expected one of {RESULT_NODES} downstream of the others, found {found}"
+    return last[0]
 
 
 def only(prompt: ApiPrompt, class_type: str) -> str:

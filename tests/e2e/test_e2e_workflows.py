@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from e2e_support import (LATENT_CHANNELS, LOADER_SWAPS, WORKFLOW_KINDS, add_save_latent, lower_steps, only,
+from e2e_support import (LATENT_CHANNELS, LOADER_SWAPS, WORKFLOW_KINDS, WORKFLOWS, add_save_latent, lower_steps, only,
                          result_node, retrace_node_ids_in_source, saved_latent, swap_loaders, viewed_images,
                          workflow_files)
 
@@ -116,3 +116,37 @@ def test_workflow_runs(path, server, client, object_info: dict, input_image: str
         # An edit: a new prompt (and for Flux the RF-Inversion controller) changes the image latent.
         assert (result - source).norm() > 1e-3 * source.norm()
     (server.run_dir / f"{path.stem}.api.json").write_text(json.dumps(prompt, indent=1), encoding="utf-8")
+
+
+def _word_swap(object_info: dict, input_image: str, checkpoint: str, source: str, target: str,
+               blend: str) -> tuple[dict, str]:
+    prompt = ui_to_api(load_workflow(WORKFLOWS / "sd15_p2p_word_swap.json"), object_info)
+    set_inputs(prompt, only(prompt, "CheckpointLoaderSimple"), ckpt_name=checkpoint)
+    set_inputs(prompt, only(prompt, "RetracePromptPair"), source=source, target=target)
+    set_inputs(prompt, only(prompt, "RetraceAttentionInject"), blend_words=blend)
+    lower_steps(prompt, STEPS)
+    fill_load_image(prompt, input_image)
+    return prompt, add_save_latent(prompt, result_node(prompt), 0, f"back_to_back_{abs(hash(source + target))}")
+
+
+def test_attention_edits_back_to_back(server, client, object_info: dict, input_image: str, tiny_checkpoint) -> None:
+    """The store made upstream is filled by the source pass of each run: a second workflow with another source
+    prompt in between does not leak into the first one's edit when it runs again (the host's output cache keeps
+    the store node; the source pass refills it)."""
+    first, first_save = _word_swap(object_info, input_image, tiny_checkpoint.name,
+                                   "a photo of a cat sitting on a wooden table", "a photo of a dog sitting on a wooden table",
+                                   "cat, dog")
+    other, other_save = _word_swap(object_info, input_image, tiny_checkpoint.name,
+                                   "a painting of a horse in a field", "a painting of a zebra in a field", "horse, zebra")
+    alone = saved_latent(server, client.run(first, timeout=240), first_save)
+    other_alone = saved_latent(server, client.run(other, timeout=240), other_save)
+    set_inputs(first, only(first, "RetracePromptPair"), target="a photo of a fox sitting on a wooden table")
+    set_inputs(first, only(first, "RetraceAttentionInject"), blend_words="cat, fox")
+    client.run(first, timeout=240)  # the edit pass again, on the cached source pass of the first prompt
+    set_inputs(first, only(first, "RetracePromptPair"), target="a photo of a dog sitting on a wooden table")
+    set_inputs(first, only(first, "RetraceAttentionInject"), blend_words="cat, dog")
+    again = saved_latent(server, client.run(first, timeout=240), first_save)
+    other_again = saved_latent(server, client.run(other, timeout=240), other_save)
+    assert torch.equal(alone, again)
+    assert torch.equal(other_alone, other_again)
+    assert not torch.equal(alone, other_alone)

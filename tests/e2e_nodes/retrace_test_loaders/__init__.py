@@ -40,8 +40,20 @@ class TinyTextEncoder:
 
     def __init__(self, kind: str, seed: int = 0):
         self.kind, self.seed = kind, seed
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The host's CLIP-L tokenizer (its files ship with the host): real tokens for prompt alignment."""
+        if self._tokenizer is None:
+            import comfy.sd1_clip
+
+            self._tokenizer = comfy.sd1_clip.SD1Tokenizer()
+        return self._tokenizer
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> dict[str, Any]:
+        if return_word_ids:  # as Retrace Prompt Pair asks: CLIP-L tokens, as many as the stand-in's 77-token context
+            return self.tokenizer.tokenize_with_weights(text, return_word_ids=True)
         return {"retrace_text": text}
 
     def encode_from_tokens_scheduled(self, tokens: dict[str, Any], unprojected: bool = False,
