@@ -58,8 +58,9 @@ class LayerSpec:
 @dataclass(frozen=True)
 class StoreSettings:
     """What a store keeps: cross-attention (queries and the prompt's keys), self-attention as queries and keys
-    (P2P's self replace) or keys and values (MasaCtrl's mutual self-attention), which layers
-    (None: :func:`default_layers`), the dtype entries are kept in, and the byte budget of a whole run."""
+    (P2P's self replace) or keys and values (MasaCtrl's mutual self-attention), which layers ("auto":
+    :func:`default_layers`; see :func:`parse_layers`), the dtype entries are kept in, and the byte budget of a
+    whole run."""
 
     cross: bool = True
     self_mode: str = "qk"

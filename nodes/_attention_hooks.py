@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import comfy.patcher_extension
@@ -145,7 +145,7 @@ class Run:
     latent_shape: tuple[int, ...] | None = None
     blend_source: torch.Tensor | None = None
     blend_target: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
+    warned: bool = False
 
     @property
     def steps(self) -> int:
@@ -207,6 +207,11 @@ class AttentionHook:
             text = 0 if c_crossattn is None else c_crossattn.shape[1]
             self.run.specs = layer_specs(executor.class_obj.diffusion_model, tuple(x.shape), text)
             self.plan(self.run.specs, rows)
+        if step is None and not skip and not self.run.warned:
+            self.run.warned = True
+            log.warning("Retrace attention: a model call at sigma %.4g is not a step of the sampled schedule; such "
+                        "calls are neither recorded nor edited. Use a first-order sampler (Euler/DDIM).",
+                        float(t.flatten()[0]))
         self.call = Call(step=step, chunks=chunks, skip=skip or step is None)
         try:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
