@@ -21,9 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-# A sigma within this relative distance of a schedule's sigma is that step (the host hands sigmas back in the
-# model's dtype).
-SIGMA_MATCH = 1e-3
+from ..inversion.schedules import step_index
 
 SELF_MODES = ("qk", "kv", "off")
 KINDS = ("self", "cross", "joint")
@@ -137,13 +135,6 @@ def bytes_per_step(specs: Sequence[LayerSpec], settings: StoreSettings, images: 
     itemsize = torch.empty((), dtype=settings.dtype).element_size()
     numel = sum(entry_numel(specs[i], names) for i, names in plan_layers(specs, settings).items())
     return numel * itemsize * images
-
-
-def step_index(sigmas: torch.Tensor, sigma: float) -> int | None:
-    """Index of the step of ``sigmas`` that starts at ``sigma``, or None."""
-    gaps = (sigmas.double() - float(sigma)).abs()
-    k = int(gaps.argmin())
-    return k if float(gaps[k]) <= SIGMA_MATCH * max(abs(float(sigma)), 1e-6) else None
 
 
 @dataclass

@@ -7,6 +7,18 @@ import torch
 # The host's FlipSigmas puts the clean image at this sigma instead of 0, where d = (x - x0) / sigma is undefined.
 SIGMA_FLOOR = 1e-4
 
+# How far a sampler's sigma may be from a schedule's, relative, and still count as that step. The host hands
+# sigmas back in the model's dtype; a flow schedule's top sigma may be 1 or the 1 - 1e-4 an inversion stops at.
+SIGMA_MATCH = 1e-3
+
+
+def step_index(step_sigmas: torch.Tensor, sigma: torch.Tensor | float) -> int | None:
+    """Index of the schedule step that starts at ``sigma``, or None if no step does."""
+    value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+    gaps = (step_sigmas.double() - value).abs()
+    k = int(gaps.argmin())
+    return k if float(gaps[k]) <= SIGMA_MATCH * max(abs(value), 1e-6) else None
+
 
 def inversion_sigmas(sampling_sigmas: torch.Tensor, flow_top: float | None = None) -> torch.Tensor:
     """Turn a sampling schedule (descending, usually ending at 0) into an inversion schedule.

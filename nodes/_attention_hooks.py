@@ -25,7 +25,8 @@ from comfy.ldm.modules.attention import BasicTransformerBlock
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
 from ..editing import prompt_to_prompt as p2p
-from ..editing.attention_store import SIGMA_MATCH, AttentionStore, LayerSpec, step_index
+from ..editing.attention_store import AttentionStore, LayerSpec
+from ..inversion.schedules import SIGMA_MATCH, step_index
 from ._host import model_family, model_name
 
 log = logging.getLogger("retrace")

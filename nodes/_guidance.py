@@ -8,18 +8,7 @@ import comfy.conds
 import comfy.samplers
 import torch
 
-
-# How far a sampler's sigma may be from the schedule's, relative, and still count as that step. The host hands
-# sigmas back in the model's dtype; a flow schedule's top sigma may be 1 or the 1 - 1e-4 an inversion stops at.
-SIGMA_MATCH = 1e-3
-
-
-def step_index(step_sigmas: torch.Tensor, sigma: torch.Tensor | float) -> int | None:
-    """Index of the schedule step that starts at ``sigma``, or None if no step does."""
-    value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-    gaps = (step_sigmas.double() - value).abs()
-    k = int(gaps.argmin())
-    return k if float(gaps[k]) <= SIGMA_MATCH * max(abs(value), 1e-6) else None
+from ..inversion.schedules import step_index
 
 
 def with_crossattn(conds: list[dict], embedding: torch.Tensor) -> list[dict]:
