@@ -3,7 +3,7 @@
 With the latent fixed at a projected pivot, fine-tune a copy of the generator so that the pivot renders
 the photo (eq. 3: L2 plus LPIPS); an optional locality regulariser (eq. 4) keeps renders of latents near the
 pivot as the original generator made them, so edits around the pivot still behave. The generator passed
-in is never changed; the result is the tuned weights that differ from it.
+in is never changed; the result is the tuned values of the weights that changed.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ class PTISettings:
 
 @dataclass
 class TunedGenerator:
-    """``deltas``: tuned minus original, for every parameter that changed; ``psnr_before`` / ``psnr_after``
-    per image; ``steps_run`` (less than asked when LPIPS reached the threshold)."""
+    """``weights``: the tuned value of every parameter that changed; ``psnr_before`` / ``psnr_after`` per image;
+    ``steps_run`` (less than asked when LPIPS reached the threshold)."""
 
-    deltas: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
     psnr_before: torch.Tensor
     psnr_after: torch.Tensor
     steps_run: int
@@ -118,7 +118,6 @@ def pivotal_tuning(G: nn.Module, pivot: torch.Tensor, target: torch.Tensor, sett
             image = tuned.synthesis(pivot, noise_mode="const", noise=noise, force_fp32=True)
             psnr_after = psnr(degradation.apply(image), observed, weights).cpu()
             base = dict(original.named_parameters())
-            deltas = {name: (p.detach() - base[name]).clone() for name, p in params.items()
-                      if not torch.equal(p.detach(), base[name])}
-    return TunedGenerator(deltas=deltas, psnr_before=psnr_before, psnr_after=psnr_after, steps_run=steps_run,
+            weights = {name: p.detach().clone() for name, p in params.items() if not torch.equal(p, base[name])}
+    return TunedGenerator(weights=weights, psnr_before=psnr_before, psnr_after=psnr_after, steps_run=steps_run,
                           image=image)

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from ._api import ComfyExtension, io
 from .attention import NODES as ATTENTION_NODES
+from .gan_projection import NODES as GAN_PROJECTION_NODES
 from .inversion import NODES as INVERSION_NODES
 from .inversion_guiders import NODES as GUIDER_NODES
 from .inversion_io import NODES as INVERSION_IO_NODES, register_folder
 from .null_text import NODES as NULL_TEXT_NODES
+from ._stylegan import register_folders
 from .samplers import NODES as SAMPLER_NODES
+from .stylegan import NODES as STYLEGAN_NODES
 from .vae_encode import NODES as VAE_NODES
 
 ALL_NODES: list[type[io.ComfyNode]] = [*VAE_NODES, *INVERSION_NODES, *SAMPLER_NODES, *INVERSION_IO_NODES,
-                                        *NULL_TEXT_NODES, *GUIDER_NODES, *ATTENTION_NODES]
+                                        *NULL_TEXT_NODES, *GUIDER_NODES, *ATTENTION_NODES,
+                                        *STYLEGAN_NODES, *GAN_PROJECTION_NODES]
 
 
 class RetraceExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         register_folder()
+        register_folders()
         return ALL_NODES

@@ -1,0 +1,234 @@
+"""StyleGAN generators in the graph: load safely, convert to .safetensors, generate, save and load latents."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+import numpy as np
+import torch
+
+from ..inversion.gan_latent import GanLatent, load_gan_latent, save_gan_latent
+from ..models.layers import truncate
+from ..models.loader import convert_to_safetensors
+from ._api import io, ui
+from ._stylegan import (
+    DTYPES,
+    FOLDER,
+    GanLatentType,
+    StyleGAN,
+    StyleGANType,
+    check_latent_fits,
+    generator_handle,
+    latent_noise,
+    read_generator,
+    register_folders,
+    tensor_to_image,
+)
+from .inversion_io import FOLDER as RECORD_FOLDER, file_exists, free_path, register_folder
+
+CATEGORY = "Retrace/stylegan"
+NOISE_MODES = ("const", "random", "none")
+
+
+def generator_files() -> list[str]:
+    register_folders()
+    return folder_paths.get_filename_list(FOLDER)
+
+
+def generator_exists(name: str) -> bool | str:
+    register_folders()
+    return True if folder_paths.get_full_path(FOLDER, name) is not None else \
+        f"generator file not found in models/{FOLDER}/: {name}"
+
+
+class RetraceStyleGANLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceStyleGANLoader",
+            display_name="Retrace Load StyleGAN",
+            category=CATEGORY,
+            description="Load a StyleGAN2, StyleGAN2-ADA or StyleGAN3 generator from models/stylegan/: NVlabs .pkl, "
+                        "rosinality .pt or Retrace .safetensors. Only tensors and constructor arguments are read; "
+                        "nothing in the file is ever run, and a file that asks to run anything is refused.",
+            inputs=[
+                io.Combo.Input("generator", options=generator_files(),
+                               tooltip="A file in models/stylegan/. The architecture is read from the file."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                               tooltip="auto: float32 weights, float16 at the top resolutions on a GPU as the "
+                                       "original code does. float16/bfloat16: the whole generator in that precision."),
+            ],
+            outputs=[StyleGANType.Output(display_name="stylegan")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, generator: str, **_) -> bool | str:
+        return generator_exists(generator)
+
+    @classmethod
+    def execute(cls, generator: str, dtype: str) -> io.NodeOutput:
+        return io.NodeOutput(generator_handle(read_generator(generator), generator, DTYPES[dtype]))
+
+
+class RetraceStyleGANConvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceStyleGANConvert",
+            display_name="Retrace Convert StyleGAN to .safetensors",
+            category=CATEGORY,
+            description="Read a generator file safely once and write it beside itself as Retrace .safetensors "
+                        "(tensors plus the architecture in the metadata). Never overwrites a file. The same as "
+                        "`python -m models.convert` in the Retrace folder.",
+            inputs=[io.Combo.Input("generator", options=generator_files(), tooltip="A file in models/stylegan/.")],
+            outputs=[io.String.Output(display_name="path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, generator: str, **_) -> bool | str:
+        return generator_exists(generator)
+
+    @classmethod
+    def execute(cls, generator: str) -> io.NodeOutput:
+        source = folder_paths.get_full_path_or_raise(FOLDER, generator)
+        if source.endswith(".safetensors"):
+            raise ValueError(f"{generator} is already a .safetensors file; nothing to convert.")
+        target = os.path.splitext(source)[0] + ".safetensors"
+        if os.path.exists(target):
+            raise ValueError(f"{os.path.basename(target)} already exists in models/{FOLDER}/; load that one "
+                             "(Retrace never overwrites a file).")
+        written = convert_to_safetensors(source, target)
+        return io.NodeOutput(str(written), ui=ui.PreviewText(f"wrote models/{FOLDER}/{os.path.basename(written)}"))
+
+
+def seed_latents(G: torch.nn.Module, seed: int, batch_size: int, class_index: int) -> torch.Tensor:
+    """z for seeds seed .. seed+batch-1, drawn as the NVlabs scripts draw them, so seeds give the same images."""
+    z = np.concatenate([np.random.RandomState(s % (2 ** 32)).randn(1, G.z_dim) for s in range(seed, seed + batch_size)])
+    device = next(G.parameters()).device
+    z = torch.from_numpy(z).float().to(device)
+    c = None
+    if G.c_dim:
+        if not 0 <= class_index < G.c_dim:
+            raise ValueError(f"class_index must be in 0..{G.c_dim - 1} for this conditional generator, got {class_index}")
+        c = torch.zeros(batch_size, G.c_dim, device=device)
+        c[:, class_index] = 1
+    return G.mapping(z, c)
+
+
+def noise_for(G: torch.nn.Module, mode: str, seed: int, batch: int) -> tuple[str, dict[str, torch.Tensor] | None]:
+    """'random' noise drawn from the seed (reproducible) and passed as explicit maps."""
+    if mode != "random":
+        return mode, None
+    gen = torch.Generator().manual_seed(seed)
+    device = next(G.parameters()).device
+    maps = {k: torch.randn(batch, 1, *v.shape, generator=gen).to(device) for k, v in G.noise_maps().items()}
+    return "const", maps
+
+
+class RetraceStyleGANGenerate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceStyleGANGenerate",
+            display_name="Retrace StyleGAN Generate",
+            category=CATEGORY,
+            description="Render images from seeds (seed, seed+1, ... as the NVlabs scripts number them) or from a "
+                        "latent. Truncation pulls w toward the generator's mean w_avg.",
+            inputs=[
+                StyleGANType.Input("stylegan"),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 32 - 1, control_after_generate=True,
+                             tooltip="The first seed; the batch uses consecutive seeds. Ignored when a latent is given."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="How many seeds to render."),
+                io.Float.Input("truncation_psi", default=0.7, min=-2.0, max=2.0, step=0.05,
+                               tooltip="1 = no truncation; smaller stays closer to the average image. Seeds only: a "
+                                       "given latent renders as it is."),
+                io.Int.Input("truncation_cutoff", default=0, min=0, max=64,
+                             tooltip="Truncate only the first N rows of W+ (coarse layers); 0 = all rows."),
+                io.Combo.Input("noise_mode", options=list(NOISE_MODES), default="const",
+                               tooltip="const: the generator's fixed noise (or the latent's optimised maps); random: "
+                                       "fresh noise from the seed; none: no noise. StyleGAN3 has none."),
+                io.Int.Input("class_index", default=0, min=0, max=100000,
+                             tooltip="Class for conditional generators; ignored otherwise."),
+                GanLatentType.Input("latent", optional=True,
+                                    tooltip="Render this latent (from projection or a saved file) instead of seeds."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), GanLatentType.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, stylegan: StyleGAN, seed: int, batch_size: int, truncation_psi: float, truncation_cutoff: int,
+                noise_mode: str, class_index: int, latent: GanLatent | None = None) -> io.NodeOutput:
+        if latent is not None:
+            check_latent_fits(latent, stylegan)
+        G = stylegan.load()
+        device = next(G.parameters()).device
+        cutoff = truncation_cutoff or None
+        with torch.no_grad():
+            if latent is None:
+                ws = truncate(seed_latents(G, seed, batch_size, class_index), G.mapping.w_avg, truncation_psi, cutoff)
+                space = "w" if truncation_psi == 1 or cutoff is None or cutoff >= G.num_ws else "w+"
+                noise = None
+            else:
+                ws = latent.ws.to(device)
+                space = latent.space
+                noise = latent_noise(latent, device) if noise_mode == "const" else None
+            mode, drawn = noise_for(G, noise_mode, seed, ws.shape[0])
+            image = G.synthesis(ws, noise_mode=mode, noise=drawn if drawn is not None else noise)
+        out = GanLatent(ws=ws.float().cpu(), space=space, model_id=stylegan.model_id, family=stylegan.family,
+                        noise={k: v.cpu() for k, v in (noise or {}).items()})
+        return io.NodeOutput(tensor_to_image(image), out)
+
+
+class RetraceGANLatentSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceGANLatentSave",
+            display_name="Retrace Save GAN Latent",
+            category=CATEGORY,
+            description="Save a GAN latent (W or W+, noise maps, generator identity) to output/retrace/ as "
+                        ".safetensors. Never overwrites a file.",
+            inputs=[GanLatentType.Input("latent"),
+                    io.String.Input("filename_prefix", default="gan_latent",
+                                    tooltip="Name prefix under output/retrace/; a counter is appended.")],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, latent: GanLatent, filename_prefix: str) -> io.NodeOutput:
+        path, relative = free_path(filename_prefix)
+        save_gan_latent(path, latent)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {relative}"))
+
+
+class RetraceGANLatentLoad(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        register_folder()
+        return io.Schema(
+            node_id="RetraceGANLatentLoad",
+            display_name="Retrace Load GAN Latent",
+            category=CATEGORY,
+            description="Load a saved GAN latent and check that it fits the generator.",
+            inputs=[io.Combo.Input("latent_file", options=folder_paths.get_filename_list(RECORD_FOLDER),
+                                   tooltip="From output/retrace/ or models/retrace_inversions/."),
+                    StyleGANType.Input("stylegan", tooltip="The generator the latent will be rendered with.")],
+            outputs=[GanLatentType.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, latent_file: str, **_) -> bool | str:
+        return file_exists(latent_file)
+
+    @classmethod
+    def execute(cls, latent_file: str, stylegan: StyleGAN) -> io.NodeOutput:
+        latent = load_gan_latent(folder_paths.get_full_path_or_raise(RECORD_FOLDER, latent_file))
+        check_latent_fits(latent, stylegan, f"latent file {latent_file}")
+        return io.NodeOutput(latent)
+
+
+NODES: list[type[io.ComfyNode]] = [RetraceStyleGANLoader, RetraceStyleGANConvert, RetraceStyleGANGenerate,
+                                   RetraceGANLatentSave, RetraceGANLatentLoad]

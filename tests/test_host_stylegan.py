@@ -1,0 +1,210 @@
+"""The StyleGAN nodes on the real host in-process: files from a registered models folder, the host's model
+manager, progress with previews, interrupt, PTI as a patched copy, and bad input refused before any work."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from paths import HOST, ensure_host
+
+if not HOST.is_dir():
+    pytest.skip("the host is not unpacked in .host/ComfyUI (GUIDE section 1)", allow_module_level=True)
+ensure_host()
+
+import comfy.model_management  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+from retrace.inversion.gan_latent import GanLatent  # noqa: E402
+from retrace.inversion.gan_projection import psnr  # noqa: E402
+from retrace.models.loader import UnsafeFileError  # noqa: E402
+from retrace.nodes import _stylegan, inversion_io  # noqa: E402
+from retrace.nodes.gan_projection import RetraceStyleGANPivotalTuning, RetraceStyleGANProject  # noqa: E402
+from retrace.nodes.stylegan import (  # noqa: E402
+    RetraceGANLatentLoad,
+    RetraceGANLatentSave,
+    RetraceStyleGANConvert,
+    RetraceStyleGANGenerate,
+    RetraceStyleGANLoader,
+)
+from stylegan_files import (  # noqa: E402
+    tiny_generator,
+    write_malicious_pickles,
+    write_nvlabs_pickle,
+    write_rosinality_pt,
+    write_safetensors,
+)
+
+pytestmark = pytest.mark.host
+
+PROJECT = dict(space="W+", steps=60, recipe="retrace (fast)", learning_rate=0.0, optimize_noise=False,
+               lpips_backbone="none", ssim_weight=1.0, downscale=1, grayscale=False, on_mismatch="refuse", seed=0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Iterator[Path]:
+    """models/stylegan/ with the same tiny StyleGAN2 in three formats, a StyleGAN3 and a malicious pickle."""
+    root = tmp_path_factory.mktemp("stylegan")
+    sg2 = tiny_generator("stylegan2", seed=0)
+    write_nvlabs_pickle(root / "sg2_nvlabs.pkl", sg2, source_payload=root / "payload_ran")
+    write_rosinality_pt(root / "sg2_rosinality.pt", sg2)
+    write_safetensors(root / "sg2_retrace.safetensors", sg2)
+    write_safetensors(root / "sg3.safetensors", tiny_generator("stylegan3", seed=0))
+    evil = write_malicious_pickles(root / "evil", root / "marker")
+    shutil.copy(evil[sorted(evil)[0]], root / "evil.pkl")
+    _stylegan.register_folders()
+    folder_paths.add_model_folder_path(_stylegan.FOLDER, str(root), is_default=True)
+    yield root
+    folder_paths.folder_names_and_paths[_stylegan.FOLDER][0].remove(str(root))
+
+
+def load(name: str):
+    with torch.inference_mode():
+        return RetraceStyleGANLoader.execute(generator=name, dtype="auto").result[0]
+
+
+def generate(gan, seed: int = 0, batch_size: int = 2, psi: float = 1.0, noise_mode: str = "const", latent=None):
+    with torch.inference_mode():
+        return RetraceStyleGANGenerate.execute(gan, seed, batch_size, psi, 0, noise_mode, 0, latent).result
+
+
+def run_project(gan, image, mask=None, **overrides):
+    with torch.inference_mode():
+        return RetraceStyleGANProject.execute(gan, image, mask=mask, **{**PROJECT, **overrides}).result
+
+
+def test_every_format_loads_into_the_model_manager_and_renders_the_same(folder: Path) -> None:
+    images = {}
+    for name in ("sg2_nvlabs.pkl", "sg2_rosinality.pt", "sg2_retrace.safetensors"):
+        gan = load(name)
+        assert gan.family == "stylegan2" and isinstance(gan.patcher, comfy.model_patcher.ModelPatcher)
+        images[name], latent = generate(gan)
+        assert images[name].shape == (2, 16, 16, 3) and latent.space == "w"
+    first = images["sg2_nvlabs.pkl"]
+    assert all(torch.equal(first, img) for img in images.values())
+    assert not (folder / "payload_ran").exists(), "the pickle's embedded source must never run"
+    assert generate(load("sg3.safetensors"))[0].shape == (2, 16, 16, 3)
+
+
+def test_a_malicious_pickle_is_refused_and_runs_nothing(folder: Path) -> None:
+    with pytest.raises(UnsafeFileError, match="evil.pkl"):
+        load("evil.pkl")
+    assert not (folder / "marker").exists()
+    assert RetraceStyleGANLoader.validate_inputs(generator="missing.pkl").startswith("generator file not found")
+
+
+def test_seeds_follow_the_nvlabs_numbering_and_noise_modes(folder: Path) -> None:
+    gan = load("sg2_retrace.safetensors")
+    batch, latent = generate(gan, seed=7, batch_size=3)
+    for i in range(3):
+        single, one = generate(gan, seed=7 + i, batch_size=1)
+        torch.testing.assert_close(single[0], batch[i], rtol=0, atol=1e-6)
+    z = torch.from_numpy(np.random.RandomState(7).randn(1, 32)).float()
+    with torch.no_grad():
+        torch.testing.assert_close(latent.ws[:1], gan.info.mapping(z.to(latent.ws.device), None).cpu())
+    same, _ = generate(gan, seed=1, psi=0.0)
+    assert torch.equal(same[0], same[1]), "psi 0 renders w_avg for every seed"
+    const, _ = generate(gan, seed=1)
+    random_a, _ = generate(gan, seed=1, noise_mode="random")
+    random_b, _ = generate(gan, seed=1, noise_mode="random")
+    none, _ = generate(gan, seed=1, noise_mode="none")
+    assert torch.equal(random_a, random_b), "random noise is drawn from the seed"
+    assert not torch.equal(const, random_a) and not torch.equal(const, none)
+    again, _ = generate(gan, latent=latent)
+    torch.testing.assert_close(again, batch[:2] if latent.batch_size == 2 else batch, rtol=0, atol=1e-6)
+
+
+def test_projection_node_reconstructs_with_progress_previews_and_interrupt(folder: Path) -> None:
+    gan = load("sg2_retrace.safetensors")
+    image, _ = generate(gan, seed=3, batch_size=1)
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total,
+                                                                                                      preview)))
+    try:
+        latent, render = run_project(gan, image, steps=150)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert isinstance(latent, GanLatent) and latent.space == "w+" and latent.model_id == gan.model_id
+    quality = float(psnr(render.movedim(-1, 1) * 2 - 1, image.movedim(-1, 1) * 2 - 1).min())
+    assert quality > 30, quality
+    assert seen[-1][0] == seen[-1][1] and all(p is not None and p[0] == "JPEG" for _, _, p in seen)
+
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_project(gan, image)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+
+
+def test_bad_images_are_refused_or_resized_as_asked(folder: Path) -> None:
+    gan = load("sg2_retrace.safetensors")
+    odd = torch.rand(1, 20, 24, 3)
+    with pytest.raises(ValueError, match=r"the image is 24x20, but this generator takes 16x16"):
+        run_project(gan, odd)
+    latent, render = run_project(gan, odd, on_mismatch="resize", steps=2)
+    assert render.shape == (1, 16, 16, 3)
+    with pytest.raises(ValueError, match="mask covers the whole image"):
+        run_project(gan, torch.rand(1, 16, 16, 3), mask=torch.ones(1, 16, 16), steps=2)
+    with pytest.raises(ValueError, match="downscale 3 does not divide"):
+        run_project(gan, torch.rand(1, 16, 16, 3), downscale=3, steps=2)
+    small, _ = run_project(gan, torch.rand(1, 4, 4, 3), downscale=4, steps=2)
+    assert small.ws.shape == (1, gan.info.num_ws, 32)
+    sg3_latent = generate(load("sg3.safetensors"), batch_size=1)[1]
+    with pytest.raises(ValueError, match="rows of 32 values, but sg2_retrace.safetensors takes"):
+        generate(gan, latent=sg3_latent)
+
+
+def test_pivotal_tuning_is_a_patched_copy_and_the_loaded_generator_is_untouched(folder: Path) -> None:
+    gan = load("sg2_retrace.safetensors")
+    photo = generate(load("sg3.safetensors"), seed=4, batch_size=1)[0]  # something this generator cannot make
+    weights = {k: v.clone() for k, v in gan.patcher.model.state_dict().items()}
+    latent, before = run_project(gan, photo, space="W")
+    reference, _ = generate(gan, seed=9)
+    with torch.inference_mode():
+        tuned, after = RetraceStyleGANPivotalTuning.execute(gan, photo, latent, 200, 1e-3, 0.0, 30.0, "none",
+                                                            "refuse", 0).result
+    assert tuned.model_id.startswith(gan.model_id + "+pti.") and tuned.patcher is not gan.patcher
+    target = photo.movedim(-1, 1) * 2 - 1
+    gain = float(psnr(after.movedim(-1, 1) * 2 - 1, target) - psnr(before.movedim(-1, 1) * 2 - 1, target))
+    assert gain > 3.0, gain
+    tuned_render, _ = generate(tuned, latent=latent)
+    torch.testing.assert_close(tuned_render, after, rtol=0, atol=2e-6)
+    again, _ = generate(gan, seed=9)  # the host unpatches when the original is loaded again
+    assert torch.equal(again, reference)
+    for k, v in gan.patcher.model.state_dict().items():
+        assert torch.equal(v, weights[k]), f"{k} changed"
+
+
+def test_convert_and_latent_files_never_overwrite(folder: Path, tmp_path: Path) -> None:
+    with torch.inference_mode():
+        path = RetraceStyleGANConvert.execute(generator="sg2_rosinality.pt").result[0]
+    assert Path(path).name == "sg2_rosinality.safetensors"
+    assert torch.equal(generate(load("sg2_rosinality.safetensors"))[0], generate(load("sg2_nvlabs.pkl"))[0])
+    with pytest.raises(ValueError, match="already exists"):
+        RetraceStyleGANConvert.execute(generator="sg2_rosinality.pt")
+
+    gan = load("sg2_retrace.safetensors")
+    _, latent = generate(gan)
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    inversion_io.register_folder()
+    saved = str(tmp_path / inversion_io.OUTPUT_SUBFOLDER)
+    folder_paths.add_model_folder_path(inversion_io.FOLDER, saved, is_default=True)
+    try:
+        RetraceGANLatentSave.execute(latent, "lat")
+        RetraceGANLatentSave.execute(latent, "lat")
+        names = sorted(p.name for p in (tmp_path / inversion_io.OUTPUT_SUBFOLDER).iterdir())
+        assert names == ["lat_00001.safetensors", "lat_00002.safetensors"]
+        back = RetraceGANLatentLoad.execute(latent_file=names[0], stylegan=gan).result[0]
+        assert torch.equal(back.ws, latent.ws)
+        with pytest.raises(ValueError, match="latent file lat_00001.safetensors has"):
+            RetraceGANLatentLoad.execute(latent_file=names[0], stylegan=load("sg3.safetensors"))
+    finally:
+        folder_paths.set_output_directory(old)
+        folder_paths.folder_names_and_paths[inversion_io.FOLDER][0].remove(saved)
