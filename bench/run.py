@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from paths import ensure_host  # noqa: E402
+from paths import ensure_host, ensure_package  # noqa: E402
 from scripts.images import image_batch  # noqa: E402
 
 log = logging.getLogger("retrace.bench")
@@ -283,27 +283,45 @@ def attention_metrics(quick: bool) -> dict[str, float]:
     return metrics
 
 
+def gan_group(quick: bool) -> dict[str, float]:
+    ensure_package()
+    from bench.gan import gan_metrics
+
+    return gan_metrics(quick)
+
+
+GROUPS: dict[str, Callable[[bool], dict[str, float]]] = {
+    "oracle": lambda quick: oracle_metrics(), "host": host_metrics, "null_text": null_text_metrics,
+    "attention": attention_metrics, "gan": gan_group,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller latents and one repeat (under 3 minutes)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    parser.add_argument("--only", choices=sorted(GROUPS), action="append",
+                        help="run only these groups (repeatable); the default runs all")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(2)
     ensure_host()
     started = time.perf_counter()
-    metrics = oracle_metrics()
-    log.info("oracle metrics in %.0fs", time.perf_counter() - started)
-    metrics.update(host_metrics(args.quick))
-    metrics.update(null_text_metrics(args.quick))
-    metrics.update(attention_metrics(args.quick))
+    metrics: dict[str, float] = {}
+    for name in args.only or GROUPS:
+        group_started = time.perf_counter()
+        metrics.update(GROUPS[name](args.quick))
+        log.info("%s metrics in %.0fs", name, time.perf_counter() - group_started)
     metrics["bench_seconds"] = time.perf_counter() - started
     metrics["quick"] = 1.0 if args.quick else 0.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     lines = ["| metric | value | what |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.4g} | {DESCRIPTIONS.get(k, '')} |" for k, v in metrics.items()]
+    from bench.gan import DESCRIPTIONS as GAN_DESCRIPTIONS
+
+    described = {**DESCRIPTIONS, **GAN_DESCRIPTIONS}
+    lines += [f"| {k} | {v:.4g} | {described.get(k, '')} |" for k, v in metrics.items()]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

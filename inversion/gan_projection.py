@@ -96,9 +96,11 @@ class Degradation:
         if self.downscale < 1:
             raise ValueError(f"downscale must be at least 1, got {self.downscale}")
 
-    @property
-    def is_identity(self) -> bool:
-        return self.known is None and self.downscale == 1 and not self.grayscale
+    def detached(self) -> Degradation:
+        """A copy whose mask autograd can use (call under ``inference_mode(False)``; the host makes masks in
+        inference mode)."""
+        known = None if self.known is None else self.known.detach().clone()
+        return Degradation(known=known, downscale=self.downscale, grayscale=self.grayscale)
 
     def apply(self, img: torch.Tensor) -> torch.Tensor:
         """The render as the input would have seen it."""
@@ -368,6 +370,7 @@ def project(G: nn.Module, target: torch.Tensor, settings: ProjectionSettings = P
     device = next(G.parameters()).device
     with torch.inference_mode(False), torch.enable_grad():
         target = target.detach().clone().to(device, torch.float32)
+        degradation = degradation.detached()
         batch = target.shape[0]
         observed = degradation.observe(target, G.img_resolution)
         weights = degradation.weights(observed.shape, device)

@@ -75,6 +75,7 @@ def pivotal_tuning(G: nn.Module, pivot: torch.Tensor, target: torch.Tensor, sett
         pivot = pivot.detach().clone().to(device, torch.float32)
         target = target.detach().clone().to(device, torch.float32)
         noise = {k: v.detach().clone().to(device, torch.float32) for k, v in (noise or {}).items()} or None
+        degradation = degradation.detached()
         observed = degradation.observe(target, tuned.img_resolution)
         weights = degradation.weights(observed.shape, device)
         weights = weights.expand(target.shape[0], 1, *observed.shape[-2:]) if weights.shape[0] == 1 else weights

@@ -250,6 +250,60 @@ ATTENTION_GRAPHS: dict[str, list[Node]] = {
 }
 GRAPHS.update(ATTENTION_GRAPHS)
 
+STYLEGAN_FILE = "stylegan2-ffhq-1024x1024.pkl"
+PROJECT_DEFAULTS = {"space": "W+", "steps": 250, "recipe": "retrace (fast)", "learning_rate": 0.0,
+                    "optimize_noise": True, "lpips_backbone": "none", "ssim_weight": 1.0, "downscale": 1,
+                    "grayscale": False, "on_mismatch": "resize", "seed": 0}
+
+
+def _render(node_id: int, pos: tuple[int, int], stylegan: tuple[int, int], latent: tuple[int, int] | None,
+            title: str) -> Node:
+    links = {"stylegan": stylegan} if latent is None else {"stylegan": stylegan, "latent": latent}
+    return Node(node_id, "RetraceStyleGANGenerate", pos,
+                {"seed": 0, "batch_size": 1 if latent else 4, "truncation_psi": 1.0 if latent else 0.7,
+                 "truncation_cutoff": 0, "noise_mode": "const", "class_index": 0}, links, title)
+
+
+def _stylegan_front(project: dict[str, Any], mask: bool = False) -> list[Node]:
+    """Generator, photo and projection (node ids 1-3)."""
+    links = {"stylegan": (1, 0), "image": (2, 0)}
+    if mask:
+        links["mask"] = (2, 1)
+    return [Node(1, "RetraceStyleGANLoader", (40, 160), {"generator": STYLEGAN_FILE, "dtype": "auto"}),
+            Node(2, "LoadImage", (40, 340), {"image": "example.png"}),
+            Node(3, "RetraceStyleGANProject", (420, 160), {**PROJECT_DEFAULTS, **project}, links)]
+
+
+STYLEGAN_GRAPHS: dict[str, list[Node]] = {
+    "stylegan_generate.json": [
+        Node(1, "RetraceStyleGANLoader", (40, 160), {"generator": STYLEGAN_FILE, "dtype": "auto"}),
+        _render(2, (420, 160), (1, 0), None, "Generate from seeds"),
+        Node(3, "SaveImage", (800, 160), {"filename_prefix": "retrace_stylegan_samples"}, {"images": (2, 0)}),
+        Node(4, "RetraceGANLatentSave", (800, 520), {"filename_prefix": "stylegan_samples"}, {"latent": (2, 1)}),
+    ],
+    "stylegan_project_reconstruct.json": [
+        *_stylegan_front({}),
+        _render(4, (820, 160), (1, 0), (3, 0), "Reconstruct from the latent"),
+        Node(5, "SaveImage", (1200, 160), {"filename_prefix": "retrace_stylegan_reconstruction"}, {"images": (4, 0)}),
+        Node(6, "RetraceGANLatentSave", (820, 520), {"filename_prefix": "stylegan_projection"}, {"latent": (3, 0)}),
+    ],
+    "stylegan_pti_reconstruct.json": [
+        *_stylegan_front({"space": "W", "steps": 450}),
+        Node(4, "RetraceStyleGANPivotalTuning", (820, 160),
+             {"steps": 350, "learning_rate": 3e-4, "locality_weight": 0.0, "locality_distance": 30.0,
+              "lpips_backbone": "none", "on_mismatch": "resize", "seed": 0},
+             {"stylegan": (1, 0), "image": (2, 0), "latent": (3, 0)}),
+        _render(5, (1200, 160), (4, 0), (3, 0), "Reconstruct with the tuned generator"),
+        Node(6, "SaveImage", (1580, 160), {"filename_prefix": "retrace_stylegan_pti"}, {"images": (5, 0)}),
+    ],
+    "stylegan_inpaint.json": [
+        *_stylegan_front({"space": "W", "optimize_noise": False}, mask=True),
+        Node(4, "SaveImage", (820, 160), {"filename_prefix": "retrace_stylegan_inpaint"}, {"images": (3, 1)},
+             "Inpainted (paint the mask on the photo: right click, Open in MaskEditor)"),
+    ],
+}
+GRAPHS.update(STYLEGAN_GRAPHS)
+
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")

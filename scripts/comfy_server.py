@@ -138,6 +138,7 @@ class ComfyServer:
     run_dir: Path
     checkpoint_dirs: list[Path] = field(default_factory=list)
     custom_node_dirs: list[Path] = field(default_factory=list)
+    model_dirs: dict[str, list[Path]] = field(default_factory=dict)  # other model folders, e.g. {"stylegan": [...]}
     port: int = 0
     extra_args: list[str] = field(default_factory=list)
     threads: int | None = None
@@ -165,7 +166,9 @@ class ComfyServer:
     def _write_paths_config(self) -> Path:
         """The --extra-model-paths-config file: model folders and (test-only) custom-node folders."""
         lines = ["retrace_run:"]
-        for key, dirs in (("checkpoints", self.checkpoint_dirs), ("custom_nodes", self.custom_node_dirs)):
+        folders = [("checkpoints", self.checkpoint_dirs), ("custom_nodes", self.custom_node_dirs),
+                   *self.model_dirs.items()]
+        for key, dirs in folders:
             if dirs:
                 lines.append(f"  {key}: |")
                 lines.extend(f"    {Path(d).resolve()}" for d in dirs)

@@ -149,6 +149,11 @@ def test_bad_images_are_refused_or_resized_as_asked(folder: Path) -> None:
         run_project(gan, odd)
     latent, render = run_project(gan, odd, on_mismatch="resize", steps=2)
     assert render.shape == (1, 16, 16, 3)
+    with torch.inference_mode():  # as the host makes masks
+        quarter = torch.zeros(1, 16, 16)
+        quarter[:, :8, :8] = 1
+    inpainted, _ = run_project(gan, torch.rand(1, 16, 16, 3), mask=quarter, steps=2)
+    assert inpainted.batch_size == 1
     with pytest.raises(ValueError, match="mask covers the whole image"):
         run_project(gan, torch.rand(1, 16, 16, 3), mask=torch.ones(1, 16, 16), steps=2)
     with pytest.raises(ValueError, match="downscale 3 does not divide"):

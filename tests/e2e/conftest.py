@@ -14,6 +14,8 @@ from scripts.comfy_server import ensure_tiny_checkpoint
 from scripts.images import make_test_image
 
 RUN_DIR = CACHE / "e2e" / "run"
+STYLEGAN_DIR = CACHE / "e2e" / "stylegan"
+STYLEGAN_PAYLOAD = CACHE / "e2e" / "stylegan_payload_ran"
 IMAGE_SIZE = 64
 
 
@@ -23,10 +25,24 @@ def tiny_checkpoint() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_checkpoint: Path) -> Iterator[ComfyServer]:
+def tiny_stylegan() -> Path:
+    """A seeded tiny StyleGAN2 (32 px) as an NVlabs-style pickle whose embedded source would leave a marker file
+    if anything ever ran it."""
+    from stylegan_files import tiny_generator, write_nvlabs_pickle
+
+    folder = STYLEGAN_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return write_nvlabs_pickle(folder / "tiny_stylegan2.pkl", tiny_generator("stylegan2", seed=0, img_resolution=32),
+                               source_payload=STYLEGAN_PAYLOAD)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint: Path, tiny_stylegan: Path) -> Iterator[ComfyServer]:
     """One host server for the session, stopped by pid at the end whatever happens."""
     shutil.rmtree(RUN_DIR, ignore_errors=True)
-    srv = ComfyServer(run_dir=RUN_DIR, checkpoint_dirs=[tiny_checkpoint.parent], custom_node_dirs=[TEST_NODES])
+    srv = ComfyServer(run_dir=RUN_DIR, checkpoint_dirs=[tiny_checkpoint.parent], custom_node_dirs=[TEST_NODES],
+                      model_dirs={"stylegan": [tiny_stylegan.parent]})
     try:
         srv.start()
         yield srv

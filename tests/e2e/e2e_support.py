@@ -29,6 +29,10 @@ WORKFLOW_KINDS: dict[str, str | None] = {
     "sdxl_p2p_reweight.json": "sdxl",
     "flux_p2p_edit.json": "flux",
     "sd15_attention_maps.json": None,
+    "stylegan_generate.json": "stylegan",
+    "stylegan_project_reconstruct.json": "stylegan",
+    "stylegan_pti_reconstruct.json": "stylegan",
+    "stylegan_inpaint.json": "stylegan",
 }
 
 # The node whose LATENT is a workflow's result: of these, the one downstream of all others (an attention edit
@@ -134,5 +138,11 @@ def retrace_node_ids_in_source() -> set[str]:
     return ids
 
 
-def workflow_files() -> list[Path]:
-    return sorted(WORKFLOWS.glob("*.json"))
+def workflow_files(kind: str | None = None) -> list[Path]:
+    """Every workflow file; with ``kind`` 'stylegan' only the StyleGAN ones, with 'diffusion' only the others."""
+    files = sorted(WORKFLOWS.glob("*.json"))
+    if kind == "stylegan":
+        return [p for p in files if WORKFLOW_KINDS.get(p.name) == "stylegan"]
+    if kind == "diffusion":
+        return [p for p in files if WORKFLOW_KINDS.get(p.name) != "stylegan"]
+    return files

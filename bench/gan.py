@@ -1,0 +1,94 @@
+"""StyleGAN benchmarks: projection quality, steps to the published recipe's quality, pivotal tuning's gain."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from retrace.inversion.gan_projection import NVLABS, ProjectionSettings, project, psnr
+from retrace.inversion.pti import PTISettings, pivotal_tuning
+from stylegan_files import tiny_generator
+
+log = logging.getLogger("retrace.bench")
+
+DESCRIPTIONS = {
+    "gan_wplus_psnr": "tiny StyleGAN2 (32 px), 3 images it made from known W+ latents: PSNR after the default "
+                      "projection (W+, 250 steps, retrace recipe, noise maps optimised)",
+    "gan_w_psnr": "the same in W",
+    "gan_nvlabs_w_psnr": "the published recipe (W, 1000 steps) on the same images",
+    "gan_steps_to_target_ratio": "(steps + start search) the retrace recipe needs in W to reach gan_nvlabs_w_psnr, "
+                                 "/ 1000 (goal <= 0.25)",
+    "gan_nvlabs_wplus_psnr": "the published recipe run in W+ (1000 steps)",
+    "gan_steps_to_target_ratio_wplus": "the same ratio in W+",
+    "gan_pti_psnr_gain_db": "pivotal tuning (350 steps, 3e-4) on images another generator made, after a 250-step W "
+                            "projection: PSNR gain",
+    "gan_project_1024_ms_per_step": "GPU only: StyleGAN2 config F at 1024 px, random weights, one projection step",
+}
+STEP_GRID = (25, 50, 75, 100, 150, 200, 250, 300, 400, 500, 750, 1000)
+
+
+@torch.no_grad()
+def known_wplus_images(G: torch.nn.Module, batch: int = 3, seed: int = 5) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ws = G.mapping(torch.randn(batch, G.z_dim, generator=gen), None, truncation_psi=0.8)
+    spread = (ws - G.mapping.w_avg).norm(dim=-1, keepdim=True) / G.w_dim ** 0.5
+    return G.synthesis(ws + 0.2 * spread * torch.randn(ws.shape, generator=gen), noise_mode="const")
+
+
+def mean_psnr(G: torch.nn.Module, target: torch.Tensor, settings: ProjectionSettings) -> float:
+    return float(psnr(project(G, target, settings).image, target).mean())
+
+
+def steps_to_reach(G: torch.nn.Module, target: torch.Tensor, space: str, goal: float) -> float:
+    """Fewest grid steps (plus the start search, 65 renders without backward ~ 22 steps) that reach ``goal``."""
+    settings = ProjectionSettings(space=space)
+    search = (settings.init_candidates + 1) / 3
+    for steps in STEP_GRID:
+        if mean_psnr(G, target, ProjectionSettings(space=space, steps=steps)) >= goal:
+            return steps + search
+    return float("inf")
+
+
+def gpu_step_ms() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    from retrace.models import build_generator
+
+    G = build_generator("stylegan2", dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=1024, img_channels=3,
+                                          channel_base=32768, channel_max=512)).cuda().eval().requires_grad_(False)
+    target = torch.rand(1, 3, 1024, 1024, device="cuda") * 2 - 1
+    settings = ProjectionSettings(steps=60, w_avg_samples=2000)
+    project(G, target, ProjectionSettings(steps=5, w_avg_samples=2000))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    project(G, target, settings)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000 / settings.steps
+
+
+def gan_metrics(quick: bool) -> dict[str, float]:
+    G = tiny_generator("stylegan2", seed=0, img_resolution=32)
+    target = known_wplus_images(G, batch=2 if quick else 3)
+    metrics = {"gan_wplus_psnr": mean_psnr(G, target, ProjectionSettings()),
+               "gan_w_psnr": mean_psnr(G, target, ProjectionSettings(space="w"))}
+    metrics["gan_nvlabs_w_psnr"] = mean_psnr(G, target, NVLABS)
+    metrics["gan_steps_to_target_ratio"] = steps_to_reach(G, target, "w", metrics["gan_nvlabs_w_psnr"]) / 1000
+    if not quick:
+        nvlabs_wplus = ProjectionSettings(space="w+", steps=1000, recipe="nvlabs")
+        metrics["gan_nvlabs_wplus_psnr"] = mean_psnr(G, target, nvlabs_wplus)
+        metrics["gan_steps_to_target_ratio_wplus"] = steps_to_reach(G, target, "w+",
+                                                                    metrics["gan_nvlabs_wplus_psnr"]) / 1000
+    other = tiny_generator("stylegan2", seed=7, img_resolution=32)
+    with torch.no_grad():
+        foreign = other(torch.randn(target.shape[0], 32, generator=torch.Generator().manual_seed(3)),
+                        noise_mode="const")
+    pivot = project(G, foreign, ProjectionSettings(space="w"))
+    tuned = pivotal_tuning(G, pivot.ws, foreign, PTISettings(), noise=pivot.noise)
+    metrics["gan_pti_psnr_gain_db"] = float((tuned.psnr_after - tuned.psnr_before).mean())
+    step_ms = gpu_step_ms()
+    if step_ms is not None:
+        metrics["gan_project_1024_ms_per_step"] = step_ms
+    log.info("gan: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
