@@ -211,6 +211,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+MIN_TORCH = (2, 6)
+
+
+def _require_safe_torch(version: str = torch.__version__) -> None:
+    """Tensors inside pickles and torch files are read with ``torch.load(weights_only=True)``, which older torch
+    releases let a crafted file escape (CVE-2025-32434, fixed in 2.6)."""
+    release = tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:2])
+    if release < MIN_TORCH:
+        raise UnsupportedFileError(
+            f"reading pickles and torch files safely needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (this is torch "
+            f"{version}; older weights_only loading can be escaped by a crafted file, CVE-2025-32434). Update torch, "
+            "or use a Retrace .safetensors file, which needs no pickle.")
+
+
 def _read(path: Path) -> GeneratorFile:
     size = path.stat().st_size
     if size == 0:
@@ -221,6 +235,7 @@ def _read(path: Path) -> GeneratorFile:
     suffix = path.suffix.lower()
     if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= _MAX_SAFETENSORS_HEADER:
         return _read_safetensors(path, size, sha)
+    _require_safe_torch()
     if head.startswith(b"PK\x03\x04"):
         return _read_torch(path, sha, "a torch.save zip archive")
     if head.startswith(_LEGACY_TORCH_MAGIC[:12]):

@@ -374,3 +374,12 @@ def test_numpy_attributes_as_nvlabs_pickles_them(tmp_path: Path) -> None:
     path = write_nvlabs_pickle(tmp_path / "np_wrong.pkl", G, state_overrides=wrong)
     with pytest.raises(UnsupportedFileError, match=f"synthesis.{name}.out_size: pickled"):
         read_generator_file(path)
+
+
+def test_pickles_need_a_torch_whose_weights_only_loading_is_safe() -> None:
+    from retrace.models.loader import _require_safe_torch
+
+    _require_safe_torch("2.6.0+cu124")
+    _require_safe_torch("2.15.0")
+    with pytest.raises(UnsupportedFileError, match=r"needs torch >= 2.6 \(this is torch 2.5.1; .*CVE-2025-32434"):
+        _require_safe_torch("2.5.1")
