@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -16,7 +16,6 @@ if not HOST.is_dir():
     pytest.skip("the host is not unpacked in .host/ComfyUI (GUIDE section 1)", allow_module_level=True)
 ensure_host()
 
-import folder_paths  # noqa: E402
 import tiny_models  # noqa: E402
 from comfy_extras import nodes_custom_sampler as custom  # noqa: E402
 from retrace.inversion.record import Inversion  # noqa: E402
@@ -135,21 +134,6 @@ def test_guidance_without_negative(sd15: Counted, sd15_inversion: Inversion) -> 
 
 
 # Save / load
-
-
-@pytest.fixture
-def output_dir(tmp_path: Path) -> Iterator[Path]:
-    """Point the host's output directory (and Retrace's inversion folder) at a temporary directory."""
-    old = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path))
-    inversion_io.register_folder()
-    saved = str(tmp_path / inversion_io.OUTPUT_SUBFOLDER)
-    folder_paths.add_model_folder_path(inversion_io.FOLDER, saved, is_default=True)
-    try:
-        yield tmp_path
-    finally:
-        folder_paths.set_output_directory(old)
-        folder_paths.folder_names_and_paths[inversion_io.FOLDER][0].remove(saved)
 
 
 def rich_inversion() -> Inversion:

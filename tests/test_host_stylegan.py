@@ -186,7 +186,7 @@ def test_pivotal_tuning_is_a_patched_copy_and_the_loaded_generator_is_untouched(
         assert torch.equal(v, weights[k]), f"{k} changed"
 
 
-def test_convert_and_latent_files_never_overwrite(folder: Path, tmp_path: Path) -> None:
+def test_convert_and_latent_files_never_overwrite(folder: Path, output_dir: Path) -> None:
     with torch.inference_mode():
         path = RetraceStyleGANConvert.execute(generator="sg2_rosinality.pt").result[0]
     assert Path(path).name == "sg2_rosinality.safetensors"
@@ -196,20 +196,11 @@ def test_convert_and_latent_files_never_overwrite(folder: Path, tmp_path: Path) 
 
     gan = load("sg2_retrace.safetensors")
     _, latent = generate(gan)
-    old = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path))
-    inversion_io.register_folder()
-    saved = str(tmp_path / inversion_io.OUTPUT_SUBFOLDER)
-    folder_paths.add_model_folder_path(inversion_io.FOLDER, saved, is_default=True)
-    try:
-        RetraceGANLatentSave.execute(latent, "lat")
-        RetraceGANLatentSave.execute(latent, "lat")
-        names = sorted(p.name for p in (tmp_path / inversion_io.OUTPUT_SUBFOLDER).iterdir())
-        assert names == ["lat_00001.safetensors", "lat_00002.safetensors"]
-        back = RetraceGANLatentLoad.execute(latent_file=names[0], stylegan=gan).result[0]
-        assert torch.equal(back.ws, latent.ws)
-        with pytest.raises(ValueError, match="latent file lat_00001.safetensors has"):
-            RetraceGANLatentLoad.execute(latent_file=names[0], stylegan=load("sg3.safetensors"))
-    finally:
-        folder_paths.set_output_directory(old)
-        folder_paths.folder_names_and_paths[inversion_io.FOLDER][0].remove(saved)
+    RetraceGANLatentSave.execute(latent, "lat")
+    RetraceGANLatentSave.execute(latent, "lat")
+    names = sorted(p.name for p in (output_dir / inversion_io.OUTPUT_SUBFOLDER).iterdir())
+    assert names == ["lat_00001.safetensors", "lat_00002.safetensors"]
+    back = RetraceGANLatentLoad.execute(latent_file=names[0], stylegan=gan).result[0]
+    assert torch.equal(back.ws, latent.ws)
+    with pytest.raises(ValueError, match="latent file lat_00001.safetensors has"):
+        RetraceGANLatentLoad.execute(latent_file=names[0], stylegan=load("sg3.safetensors"))
