@@ -78,7 +78,7 @@ def generator_handle(file: GeneratorFile, name: str, dtype: torch.dtype | None) 
     return StyleGAN(patcher=patcher, name=name, model_id=file.sha256[:16], family=file.family)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)  # re-reading is only slow; keeping more would hold their tensors in memory
 def _read_cached(path: str, mtime: float) -> GeneratorFile:
     return read_generator_file(path)
 
@@ -206,15 +206,15 @@ def progress(total: int, label: str) -> Callable[[dict[str, Any]], None]:
 
     def cb(d: dict[str, Any]) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        step = d["step"] + 1
+        step, steps = d["step"] + 1, d.get("steps", total)  # a batch's L-BFGS refinement runs image by image
         preview = None
-        if step % every == 0 or step == total:
+        if step % every == 0 or step == steps:
             img = tensor_to_image(d["image"][:1])[0]
             arr = (img.cpu().numpy() * 255).round().astype(np.uint8)
             preview = ("JPEG", Image.fromarray(arr), PREVIEW_SIZE)
-        bar.update_absolute(step, total, preview)
+        bar.update_absolute(step, steps, preview)
         if "psnr" in d and step % 50 == 0:
-            log.debug("Retrace %s step %d/%d: loss %.5f, PSNR %s", label, step, total, d["loss"],
+            log.debug("Retrace %s step %d/%d: loss %.5f, PSNR %s", label, step, steps, d["loss"],
                       [round(float(p), 2) for p in d["psnr"]])
 
     return cb

@@ -49,7 +49,7 @@ class RetraceStyleGANProject(io.ComfyNode):
                         "grayscale, only what the input shows is compared, so the render fills in the rest "
                         "(inpainting, super-resolution, colorization).",
             inputs=[
-                StyleGANType.Input("stylegan"),
+                StyleGANType.Input("stylegan", tooltip="From Retrace Load StyleGAN (or a tuned copy)."),
                 io.Image.Input("image", tooltip="One or more photos; each is projected on its own."),
                 io.Combo.Input("space", options=list(SPACES), default="W+",
                                tooltip="W+: one w per layer (closer reconstructions). W: one w for all layers "
@@ -123,7 +123,7 @@ class RetraceStyleGANPivotalTuning(io.ComfyNode):
                         "latent renders the photo exactly. The output is a patched copy; the loaded generator is "
                         "never changed. Edit the latent and render it with the tuned generator.",
             inputs=[
-                StyleGANType.Input("stylegan"),
+                StyleGANType.Input("stylegan", tooltip="The generator the pivot was projected with."),
                 io.Image.Input("image", tooltip="The photos the latents were projected from (same batch order)."),
                 GanLatentType.Input("latent", tooltip="The pivot: the projection of the image (W in the paper)."),
                 io.Int.Input("steps", default=350, min=1, max=10000, tooltip="Tuning steps (350 in the paper)."),

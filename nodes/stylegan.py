@@ -137,7 +137,7 @@ class RetraceStyleGANGenerate(io.ComfyNode):
             description="Render images from seeds (seed, seed+1, ... as the NVlabs scripts number them) or from a "
                         "latent. Truncation pulls w toward the generator's mean w_avg.",
             inputs=[
-                StyleGANType.Input("stylegan"),
+                StyleGANType.Input("stylegan", tooltip="From Retrace Load StyleGAN or Pivotal Tuning."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 32 - 1, control_after_generate=True,
                              tooltip="The first seed; the batch uses consecutive seeds. Ignored when a latent is given."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="How many seeds to render."),
@@ -190,7 +190,7 @@ class RetraceGANLatentSave(io.ComfyNode):
             category=CATEGORY,
             description="Save a GAN latent (W or W+, noise maps, generator identity) to output/retrace/ as "
                         ".safetensors. Never overwrites a file.",
-            inputs=[GanLatentType.Input("latent"),
+            inputs=[GanLatentType.Input("latent", tooltip="From Project, Generate or Load GAN Latent."),
                     io.String.Input("filename_prefix", default="gan_latent",
                                     tooltip="Name prefix under output/retrace/; a counter is appended.")],
             outputs=[],
