@@ -204,3 +204,17 @@ def test_convert_and_latent_files_never_overwrite(folder: Path, output_dir: Path
     assert torch.equal(back.ws, latent.ws)
     with pytest.raises(ValueError, match="latent file lat_00001.safetensors has"):
         RetraceGANLatentLoad.execute(latent_file=names[0], stylegan=load("sg3.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["sg2_retrace.safetensors", "sg3.safetensors"])
+def test_half_precision_generators_render_close_to_float32(folder: Path, name: str) -> None:
+    full = generate(load(name), seed=2)[0]
+    with torch.inference_mode():
+        half = RetraceStyleGANLoader.execute(generator=name, dtype="bfloat16").result[0]
+    assert next(half.patcher.model.parameters()).dtype == torch.bfloat16
+    image = generate(half, seed=2)[0]
+    assert image.dtype == torch.float32
+    quality = float(psnr(image.movedim(-1, 1) * 2 - 1, full.movedim(-1, 1) * 2 - 1).min())
+    assert quality > 30.0, quality
+    latent, _ = run_project(half, full[:1], steps=10)  # and it projects
+    assert latent.ws.dtype == torch.float32
