@@ -75,7 +75,8 @@ class RetraceStyleGANProject(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
                              tooltip="Seeds the latent noise and the start candidates."),
                 io.Mask.Input("mask", optional=True,
-                              tooltip="Inpainting: masked pixels (1) do not count; the render fills them."),
+                              tooltip="Inpainting: masked pixels (1) do not count; the render fills them. Use space W: "
+                                      "W+ can fit the visible part without constraining the hole."),
             ],
             outputs=[GanLatentType.Output(display_name="latent"), io.Image.Output(display_name="image")],
         )
