@@ -114,6 +114,17 @@ class GeneratorFile:
 # --- public API ------------------------------------------------------------------------------------------
 
 
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A content identity of a generator: the same tensors give the same hash whatever file format held them,
+    so latents and directions made with a .pkl still fit its converted .safetensors."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def read_generator_file(path: str | os.PathLike) -> GeneratorFile:
     """Read a generator file of any supported format without running code from it."""
     path = Path(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._api import ComfyExtension, io
 from .attention import NODES as ATTENTION_NODES
+from .directions import NODES as DIRECTION_NODES, register_direction_folder
 from .gan_projection import NODES as GAN_PROJECTION_NODES
 from .inversion import NODES as INVERSION_NODES
 from .inversion_guiders import NODES as GUIDER_NODES
@@ -16,11 +17,12 @@ from .vae_encode import NODES as VAE_NODES
 
 ALL_NODES: list[type[io.ComfyNode]] = [*VAE_NODES, *INVERSION_NODES, *SAMPLER_NODES, *INVERSION_IO_NODES,
                                         *NULL_TEXT_NODES, *GUIDER_NODES, *ATTENTION_NODES,
-                                        *STYLEGAN_NODES, *GAN_PROJECTION_NODES]
+                                        *STYLEGAN_NODES, *GAN_PROJECTION_NODES, *DIRECTION_NODES]
 
 
 class RetraceExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         register_folder()
         register_folders()
+        register_direction_folder()
         return ALL_NODES

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..inversion.gan_latent import GanLatent
 from ..inversion.gan_projection import luminance
-from ..models.loader import GeneratorFile, read_generator_file
+from ..models.loader import GeneratorFile, read_generator_file, weights_sha256
 from ..models.perceptual import load_lpips
 from ._api import io
 
@@ -75,7 +75,7 @@ def generator_handle(file: GeneratorFile, name: str, dtype: torch.dtype | None) 
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
-    return StyleGAN(patcher=patcher, name=name, model_id=file.sha256[:16], family=file.family)
+    return StyleGAN(patcher=patcher, name=name, model_id=weights_sha256(file.state_dict)[:16], family=file.family)
 
 
 @lru_cache(maxsize=1)  # re-reading is only slow; keeping more would hold their tensors in memory

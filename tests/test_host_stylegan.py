@@ -79,14 +79,16 @@ def run_project(gan, image, mask=None, **overrides):
 
 
 def test_every_format_loads_into_the_model_manager_and_renders_the_same(folder: Path) -> None:
-    images = {}
+    images, ids = {}, set()
     for name in ("sg2_nvlabs.pkl", "sg2_rosinality.pt", "sg2_retrace.safetensors"):
         gan = load(name)
+        ids.add(gan.model_id)
         assert gan.family == "stylegan2" and isinstance(gan.patcher, comfy.model_patcher.ModelPatcher)
         images[name], latent = generate(gan)
         assert images[name].shape == (2, 16, 16, 3) and latent.space == "w"
     first = images["sg2_nvlabs.pkl"]
     assert all(torch.equal(first, img) for img in images.values())
+    assert len(ids) == 1, "the identity follows the weights, not the file format"
     assert not (folder / "payload_ran").exists(), "the pickle's embedded source must never run"
     assert generate(load("sg3.safetensors"))[0].shape == (2, 16, 16, 3)
 
