@@ -7,7 +7,11 @@ import time
 
 import torch
 
-from retrace.inversion.gan_projection import NVLABS, ProjectionSettings, project, psnr
+from retrace.editing.directions import apply_direction, ganspace, sefa
+from retrace.inversion.gan_projection import NVLABS, ProjectionSettings, project, psnr, sample_ws
+from retrace.models import build_generator
+
+from bench.timing import best_time
 from retrace.inversion.pti import PTISettings, pivotal_tuning
 from stylegan_files import tiny_generator
 
@@ -27,6 +31,9 @@ DESCRIPTIONS = {
     "gan_pti_psnr_gain_db": "pivotal tuning (350 steps, 3e-4) on images another generator made, after a 250-step W "
                             "projection: PSNR gain",
     "gan_project_1024_ms_per_step": "GPU only: StyleGAN2 config F at 1024 px, random weights, one projection step",
+    "sefa_ms": "SeFa over all 26 style layers (9,088 x 512 weights) of StyleGAN2 config F at 1024, random weights, CPU",
+    "ganspace_ms": "GANSpace on the same generator: 10,000 w from the mapping network, then PCA (20 components), CPU",
+    "direction_apply_ms": "one direction applied to a W+ latent (18 x 512), rows 0-7, CPU",
 }
 STEP_GRID = (25, 50, 75, 100, 150, 200, 250, 300, 400, 500, 750, 1000)
 
@@ -72,8 +79,6 @@ def steps_to_reach(G: torch.nn.Module, target: torch.Tensor, space: str, goal: f
 def gpu_step_ms() -> float | None:
     if not torch.cuda.is_available():
         return None
-    from retrace.models import build_generator
-
     G = build_generator("stylegan2", dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=1024, img_channels=3,
                                           channel_base=32768, channel_max=512)).cuda().eval().requires_grad_(False)
     target = torch.rand(1, 3, 1024, 1024, device="cuda") * 2 - 1
@@ -111,4 +116,21 @@ def gan_metrics(quick: bool) -> dict[str, float]:
     if step_ms is not None:
         metrics["gan_project_1024_ms_per_step"] = step_ms
     log.info("gan: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
+@torch.no_grad()
+def direction_metrics(quick: bool) -> dict[str, float]:
+    """Edit directions at full StyleGAN2-1024 size (random weights, CPU)."""
+    G = build_generator("stylegan2", dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=1024, img_channels=3,
+                                          channel_base=32768, channel_max=512)).eval().requires_grad_(False)
+    weights = [affine.weight for _, _, affine in G.style_layers()]
+    vectors, _ = sefa(weights, 10)
+    ws = G.mapping(torch.randn(1, 512, generator=torch.Generator().manual_seed(0)), None)
+    metrics = {
+        "sefa_ms": 1000 * best_time(lambda: sefa(weights, 10), 3),
+        "ganspace_ms": 1000 * best_time(lambda: ganspace(sample_ws(G, 10_000, seed=0), 20), 1 if quick else 2),
+        "direction_apply_ms": 1000 * best_time(lambda: apply_direction(ws, vectors[0], 2.0, (0, 8)), 50),
+    }
+    log.info("directions: %s", {k: round(v, 3) for k, v in metrics.items()})
     return metrics

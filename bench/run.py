@@ -19,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench.timing import best_time  # noqa: E402
 from paths import ensure_host, ensure_package  # noqa: E402
 from scripts.images import image_batch  # noqa: E402
 
@@ -53,15 +54,6 @@ DESCRIPTIONS = {
     "attn_store_mb_per_step_all": "the same, every layer",
     "attn_store_mb_per_step_sd15_512": "full-size SD1.5 at 512 px, default layers, from its layer shapes (goal <= 64)",
 }
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -290,9 +282,17 @@ def gan_group(quick: bool) -> dict[str, float]:
     return gan_metrics(quick)
 
 
+def directions_group(quick: bool) -> dict[str, float]:
+    ensure_package()
+    from bench.gan import direction_metrics
+
+    return direction_metrics(quick)
+
+
 GROUPS: dict[str, Callable[[bool], dict[str, float]]] = {
     "oracle": lambda quick: oracle_metrics(), "host": host_metrics, "null_text": null_text_metrics,
     "attention": attention_metrics, "gan": gan_group,
+    "directions": directions_group,
 }
 
 

@@ -166,17 +166,24 @@ def autograd_copy(G: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def w_statistics(G: nn.Module, samples: int = 10000, seed: int = 0, batch: int = 2048
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean w, the RMS distance of w from it (one scalar, as the projector uses), and the sampled ws."""
+def sample_ws(G: nn.Module, samples: int, seed: int = 0, batch: int = 1000) -> torch.Tensor:
+    """``samples`` ws from the mapping network ``[samples, w_dim]`` (float32, on G's device), from seeded z and, for
+    a class-conditional generator, seeded random classes; no truncation."""
     device = next(G.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    ws = []
-    for start in range(0, samples, batch):
-        z = torch.randn(min(batch, samples - start), G.z_dim, generator=gen).to(device)
-        c = torch.zeros(z.shape[0], G.c_dim, device=device) if G.c_dim else None
-        ws.append(G.mapping(z, c)[:, 0].float())
-    ws = torch.cat(ws)
+    z = torch.randn(samples, G.z_dim, generator=gen)
+    c = None
+    if G.c_dim:
+        c = F.one_hot(torch.randint(G.c_dim, [samples], generator=gen), G.c_dim).float()
+    ws = [G.mapping(z[i:i + batch].to(device), None if c is None else c[i:i + batch].to(device))[:, 0].float()
+          for i in range(0, samples, batch)]
+    return torch.cat(ws)
+
+
+@torch.no_grad()
+def w_statistics(G: nn.Module, samples: int = 10000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean w, the RMS distance of w from it (one scalar, as the projector uses), and the sampled ws."""
+    ws = sample_ws(G, samples, seed)
     w_avg = ws.mean(dim=0)
     w_std = (ws - w_avg).square().sum(dim=1).mean().sqrt()
     return w_avg, w_std, ws

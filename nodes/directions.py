@@ -31,6 +31,7 @@ from ..editing.directions import (
     sweep,
 )
 from ..inversion.gan_latent import GanLatent
+from ..inversion.gan_projection import sample_ws
 from ._api import io, ui
 from ._stylegan import GanLatentType, StyleGAN, StyleGANType, base_id, check_latent_fits, tensor_to_image
 from .inversion_io import FOLDER as RECORD_FOLDER, file_exists, free_path, register_folder
@@ -45,7 +46,6 @@ DIRECTION_FOLDER = "retrace_directions"
 DIRECTION_EXTENSIONS = {".npy", ".safetensors", ".pt", ".pth"}
 BOUNDARY_METHODS = {"svm": "svm", "logistic": "logistic", "mean difference": "mean-difference"}
 AUTO = "auto"
-MAP_CHUNK = 1000
 
 LAYERS_TOOLTIP = ("Which W+ rows: all, coarse (rows 0-3), middle (4-7), fine (8 to the end), one row 'a' or an "
                   "inclusive range 'a-b'.")
@@ -234,20 +234,8 @@ class RetraceGANSpace(io.ComfyNode):
         if samples <= components:
             raise ValueError(f"samples ({samples}) must exceed components ({components}) for a PCA")
         span = parse_layers(layers.strip(), info.num_ws)
-        G = stylegan.load()
-        device = next(G.parameters()).device
-        gen = torch.Generator().manual_seed(seed)
-        z = torch.randn([samples, G.z_dim], generator=gen)
-        c = None
-        if G.c_dim:
-            c = torch.nn.functional.one_hot(torch.randint(G.c_dim, [samples], generator=gen), G.c_dim).float()
-        ws = []
-        with torch.no_grad():
-            for i in range(0, samples, MAP_CHUNK):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                cc = None if c is None else c[i:i + MAP_CHUNK].to(device)
-                ws.append(G.mapping(z[i:i + MAP_CHUNK].to(device), cc)[:, 0].float().cpu())
-        vectors, stds, mean, ratio = ganspace(torch.cat(ws), components)
+        ws = sample_ws(stylegan.load(), samples, seed).cpu()
+        vectors, stds, mean, ratio = ganspace(ws, components)
         direction = Direction(vectors=vectors, space="w", method="ganspace", model_id=base_id(stylegan.model_id),
                               num_ws=info.num_ws, layers=span, scales=stds, mean=mean)
         explained = float(ratio.sum())

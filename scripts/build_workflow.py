@@ -257,10 +257,10 @@ PROJECT_DEFAULTS = {"space": "W+", "steps": 250, "recipe": "retrace (fast)", "le
 
 
 def _render(node_id: int, pos: tuple[int, int], stylegan: tuple[int, int], latent: tuple[int, int] | None,
-            title: str) -> Node:
+            title: str, batch: int = 4) -> Node:
     links = {"stylegan": stylegan} if latent is None else {"stylegan": stylegan, "latent": latent}
     return Node(node_id, "RetraceStyleGANGenerate", pos,
-                {"seed": 0, "batch_size": 1 if latent else 4, "truncation_psi": 1.0 if latent else 0.7,
+                {"seed": 0, "batch_size": 1 if latent else batch, "truncation_psi": 1.0 if latent else 0.7,
                  "truncation_cutoff": 0, "noise_mode": "const", "class_index": 0}, links, title)
 
 
@@ -303,6 +303,48 @@ STYLEGAN_GRAPHS: dict[str, list[Node]] = {
     ],
 }
 GRAPHS.update(STYLEGAN_GRAPHS)
+
+
+def _sweep(node_id: int, index: int, y: int) -> list[Node]:
+    return [Node(node_id, "RetraceDirectionSweep", (1200, y),
+                 {"index": index, "strength_min": -3.0, "strength_max": 3.0, "count": 7, "layers": "auto"},
+                 {"stylegan": (1, 0), "latent": (2, 1), "direction": (3, 0)}, f"Direction {index}"),
+            Node(node_id + 1, "SaveImage", (1580, y), {"filename_prefix": f"retrace_sefa_{index}"},
+                 {"images": (node_id, 0)})]
+
+
+DIRECTION_GRAPHS: dict[str, list[Node]] = {
+    "stylegan_sefa_explorer.json": [
+        Node(1, "RetraceStyleGANLoader", (40, 160), {"generator": STYLEGAN_FILE, "dtype": "auto"}),
+        _render(2, (420, 160), (1, 0), None, "One sample", batch=1),
+        Node(3, "RetraceSeFa", (820, 160), {"layers": "all", "count": 10}, {"stylegan": (1, 0)}),
+        *_sweep(4, 0, 40), *_sweep(6, 1, 420), *_sweep(8, 2, 800),
+    ],
+    "stylegan_project_boundary_edit.json": [
+        *_stylegan_front({"space": "W"}),
+        Node(4, "RetraceLoadBoundary", (420, 560), {"boundary_file": "smile.npy"}, {"stylegan": (1, 0)}),
+        Node(5, "RetraceApplyDirection", (820, 160), {"index": 0, "strength": 3.0, "layers": "auto"},
+             {"latent": (3, 0), "direction": (4, 0)}),
+        _render(6, (1200, 160), (1, 0), (5, 0), "Render the edit"),
+        Node(7, "SaveImage", (1580, 160), {"filename_prefix": "retrace_stylegan_boundary_edit"}, {"images": (6, 0)}),
+    ],
+    "sd15_prompt_direction_edit.json": [
+        *(n for n in _front("v1-5-pruned-emaonly.safetensors", CAT, CAT) if n.title != "Edit prompt"),
+        Node(8, "RetraceNullTextInversion", (1170, 160), {"guidance": 7.5},
+             {"model": (1, 0), "inversion": (7, 1), "positive": (4, 0), "negative": (6, 0)}),
+        Node(9, "RetracePromptDirection", (810, 560),
+             {"source_prompts": "a cat\na photo of a cat\na cat sitting on a table\na close-up of a cat",
+              "target_prompts": "a dog\na photo of a dog\na dog sitting on a table\na close-up of a dog"},
+             {"clip": (1, 1)}, "cat -> dog (mean of each set)"),
+        Node(10, "RetraceApplyPromptDirection", (1170, 560), {"strength": 1.0}, {"conditioning": (4, 0),
+                                                                                 "direction": (9, 0)}),
+        Node(11, "RetraceNullTextGuider", (1530, 160), {}, {"model": (1, 0), "null_text": (8, 0),
+                                                             "positive": (10, 0)}),
+        Node(12, "RetraceSampleInversionGuided", (1890, 160), {}, {"inversion": (7, 1), "guider": (11, 0)}),
+        *_decode_and_save((12, 0), 13, "retrace_sd15_prompt_direction_edit", 2250),
+    ],
+}
+GRAPHS.update(DIRECTION_GRAPHS)
 
 
 def main(argv: list[str] | None = None) -> int:

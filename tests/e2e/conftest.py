@@ -38,11 +38,24 @@ def tiny_stylegan() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_checkpoint: Path, tiny_stylegan: Path) -> Iterator[ComfyServer]:
+def boundary_file() -> Path:
+    """A unit normal for the tiny generator's w (32 values), as a user's InterFaceGAN ``.npy``."""
+    import numpy as np
+
+    folder = CACHE / "e2e" / "directions"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    normal = np.random.default_rng(0).standard_normal(32).astype(np.float32)
+    np.save(folder / "smile.npy", normal / np.linalg.norm(normal))
+    return folder / "smile.npy"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint: Path, tiny_stylegan: Path, boundary_file: Path) -> Iterator[ComfyServer]:
     """One host server for the session, stopped by pid at the end whatever happens."""
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     srv = ComfyServer(run_dir=RUN_DIR, checkpoint_dirs=[tiny_checkpoint.parent], custom_node_dirs=[TEST_NODES],
-                      model_dirs={"stylegan": [tiny_stylegan.parent]})
+                      model_dirs={"stylegan": [tiny_stylegan.parent], "retrace_directions": [boundary_file.parent]})
     try:
         srv.start()
         yield srv

@@ -33,6 +33,9 @@ WORKFLOW_KINDS: dict[str, str | None] = {
     "stylegan_project_reconstruct.json": "stylegan",
     "stylegan_pti_reconstruct.json": "stylegan",
     "stylegan_inpaint.json": "stylegan",
+    "stylegan_sefa_explorer.json": "stylegan",
+    "stylegan_project_boundary_edit.json": "stylegan",
+    "sd15_prompt_direction_edit.json": None,
 }
 
 # The node whose LATENT is a workflow's result: of these, the one downstream of all others (an attention edit

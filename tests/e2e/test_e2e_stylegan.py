@@ -59,26 +59,35 @@ def test_stylegan_workflow_runs(path, server, client, object_info: dict, input_i
     if "LoadImage" in {n["class_type"] for n in prompt.values()}:
         fill_load_image(prompt, image)
     projection = None
-    if path.name == "stylegan_pti_reconstruct.json":
+    if path.name in ("stylegan_pti_reconstruct.json", "stylegan_project_boundary_edit.json"):
         projection = add_save_image(prompt, only(prompt, "RetraceStyleGANProject"), 1, "e2e/stylegan_projection")
 
     entry = client.run(prompt, timeout=300)
 
     saves = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage" and nid != projection]
-    assert len(saves) == 1
-    images = viewed_images(client, entry, saves[0])
-    assert all(img.shape == (SIZE, SIZE, 3) and img.std() > 0 for img in images)
+    outputs = {nid: viewed_images(client, entry, nid) for nid in saves}
+    assert all(img.shape == (SIZE, SIZE, 3) and img.std() > 0 for imgs in outputs.values() for img in imgs)
     assert not STYLEGAN_PAYLOAD.exists(), "the pickle's embedded source ran"
+    images = outputs[saves[0]]
 
     if path.name == "stylegan_generate.json":
         assert len(images) == 4
         assert all(np.abs(images[i] - images[j]).max() > 0.05 for i in range(4) for j in range(i))
+    elif path.name == "stylegan_sefa_explorer.json":
+        strips = list(outputs.values())
+        assert len(strips) == 3 and all(len(strip) == 7 for strip in strips)
+        # The middle of each strip is strength 0: the same sample in all three; the ends differ from it.
+        assert all(np.array_equal(strip[3], strips[0][3]) for strip in strips)
+        assert all(np.abs(strip[0] - strip[3]).max() > 0.02 for strip in strips)
     elif path.name == "stylegan_inpaint.json":
         known = np.ones((SIZE, SIZE), bool)
         known[:SIZE // 2, :SIZE // 2] = False
         target = resized_input(server, image)
         outside = psnr(images[0][known], target[known])
         assert outside > 12.0, outside
+    elif path.name == "stylegan_project_boundary_edit.json":
+        projected = viewed_images(client, entry, projection)[0]
+        assert np.abs(images[0] - projected).mean() > 0.01, "strength 3 along the boundary changed nothing"
     else:
         target = resized_input(server, image)
         quality = psnr(images[0], target)
