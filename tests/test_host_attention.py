@@ -281,3 +281,24 @@ def test_direct_inversion_source_and_edit_passes(case: Case) -> None:
             injected, inversion, same_prompt, case.source, case.negative, CFG))["samples"]
     # a + (b - a) is b only up to rounding, so the corrected path drifts by float error: relative bound
     assert (edited - plain).abs().max().item() <= TOLERANCE * plain.abs().max().item()
+
+
+def test_prompt_direction_composes_with_the_edit_pass(case: Case, source_pass) -> None:
+    """A text direction (pix2pix-zero) on the edit pass's conditioning: strength 0 gives the injected edit bit for
+    bit; a real direction changes it, on every family."""
+    from retrace.editing.directions import Direction, prompt_direction
+    from retrace.nodes.directions import RetraceApplyPromptDirection
+
+    _, _, store = source_pass
+    sources = torch.cat([tiny_models.conditioning(case.kind, seed=s)[0][0] for s in (11, 12)])
+    targets = torch.cat([tiny_models.conditioning(case.kind, seed=s)[0][0] for s in (13, 14)])
+    vector, _ = prompt_direction(sources, targets)
+    direction = Direction(vectors=vector[None], space="text", method="prompt")
+    settings = dict(edit=IDENTITY, cross_steps=1.0, self_mode="replace", self_steps=1.0)
+    injected = case.sample(case.inject(store, **settings), positive=case.target)
+    with torch.inference_mode():
+        unmoved = RetraceApplyPromptDirection.execute(case.target, direction, 0.0).result[0]
+        moved = RetraceApplyPromptDirection.execute(case.target, direction, 1.0).result[0]
+    assert torch.equal(case.sample(case.inject(store, **settings), positive=unmoved), injected)
+    edited = case.sample(case.inject(store, **settings), positive=moved)
+    assert torch.isfinite(edited).all() and (edited - injected).abs().max().item() > 1e-3
