@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+from ..inversion.gan_latent import FORMAT_KEY
+from ..inversion.record import read_record, write_record
+
 log = logging.getLogger("retrace")
 
 DIRECTION_SPACES = ("w", "text")
@@ -503,38 +506,27 @@ def apply_prompt_direction(cond: torch.Tensor, direction: torch.Tensor, strength
 def save_direction(path: str | Path, direction: Direction, overwrite: bool = False) -> Path:
     """Write ``direction`` as ``.safetensors`` (tensors ``vectors``, ``scales``, ``mean``, ``pooled``; metadata
     ``retrace.format`` = 'retrace-direction' and the other fields). Never overwrites unless asked."""
-    from safetensors.torch import save_file
-
     if not isinstance(direction, Direction):
         raise ValueError(f"save_direction needs a Direction, got {type(direction).__name__}")
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"directions are saved as .safetensors, got {path.name}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name (Retrace never overwrites a file)")
-    tensors = {"vectors": direction.vectors.contiguous()}
+    tensors = {"vectors": direction.vectors}
     for name in ("scales", "mean", "pooled"):
         t = getattr(direction, name)
         if t is not None:
-            tensors[name] = t.contiguous()
-    meta = {"retrace.format": _FORMAT, "space": direction.space, "method": direction.method,
-            "model_id": direction.model_id, "num_ws": str(direction.num_ws),
+            tensors[name] = t
+    meta = {"space": direction.space, "method": direction.method, "model_id": direction.model_id,
+            "num_ws": str(direction.num_ws),
             "layers": json.dumps(list(direction.layers) if direction.layers is not None else None)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    write_record(path, _FORMAT, tensors, meta, key=FORMAT_KEY, overwrite=overwrite)
     return path
 
 
 def load_direction(path: str | Path) -> Direction:
     """Read a direction written by :func:`save_direction`."""
-    from safetensors import safe_open
-
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("retrace.format") != _FORMAT:
-            raise ValueError(f"{path.name} is not a Retrace direction (metadata: {json.dumps(meta)[:200]})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_record(path, _FORMAT, "direction", key=FORMAT_KEY)
     if "vectors" not in tensors:
         raise ValueError(f"{path.name} holds no 'vectors' tensor (tensors: {sorted(tensors)})")
     try:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .record import read_record, write_record
+
 SPACES = ("w", "w+")
 _FORMAT = "retrace-gan-latent"
+FORMAT_KEY = "retrace.format"
 
 
 @dataclass(frozen=True)
@@ -68,29 +70,15 @@ def concat_latents(latents: list[GanLatent]) -> GanLatent:
 
 def save_gan_latent(path: str | Path, latent: GanLatent, overwrite: bool = False) -> Path:
     """Write ``latent`` as ``.safetensors`` (tensors ``ws`` and ``noise.<layer>``, metadata for the rest)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name (Retrace never overwrites a file)")
-    tensors = {"ws": latent.ws.detach().to("cpu", torch.float32).contiguous()}
-    tensors.update({f"noise.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in latent.noise.items()})
-    meta = {"retrace.format": _FORMAT, "space": latent.space, "model_id": latent.model_id, "family": latent.family}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
-    return path
+    tensors = {"ws": latent.ws.float(), **{f"noise.{k}": v.float() for k, v in latent.noise.items()}}
+    meta = {"space": latent.space, "model_id": latent.model_id, "family": latent.family}
+    write_record(path, _FORMAT, tensors, meta, key=FORMAT_KEY, overwrite=overwrite)
+    return Path(path)
 
 
 def load_gan_latent(path: str | Path) -> GanLatent:
     """Read a latent written by :func:`save_gan_latent`."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("retrace.format") != _FORMAT:
-            raise ValueError(f"{path.name} is not a Retrace GAN latent (metadata: {json.dumps(meta)[:200]})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_record(path, _FORMAT, "GAN latent", key=FORMAT_KEY)
     noise = {k[len("noise."):]: v for k, v in tensors.items() if k.startswith("noise.")}
     return GanLatent(ws=tensors["ws"], space=meta["space"], model_id=meta.get("model_id", ""),
                      family=meta.get("family", ""), noise=noise)

@@ -71,11 +71,11 @@ class Inversion:
         meta = {"family": self.family, "model_name": self.model_name, "method": self.method,
                 "guidance": repr(float(self.guidance)), "latent_shape": json.dumps(list(self.latent_shape)),
                 "extra": json.dumps(self.extra)}
-        _write(path, FORMAT, {"trajectory": self.trajectory, "sigmas": self.sigmas.float()}, meta)
+        write_record(path, FORMAT, {"trajectory": self.trajectory, "sigmas": self.sigmas.float()}, meta)
 
     @classmethod
     def load(cls, path: str) -> Inversion:
-        tensors, meta = _read(path, FORMAT, "inversion")
+        tensors, meta = read_record(path, FORMAT, "inversion")
         inv = cls(trajectory=tensors["trajectory"], sigmas=tensors["sigmas"], family=meta["family"],
                   model_name=meta["model_name"], method=meta["method"], guidance=float(meta["guidance"]),
                   extra=json.loads(meta.get("extra", "{}")))
@@ -136,11 +136,11 @@ class NullText:
         tensors = {"embeddings": self.embeddings, "sigmas": self.sigmas.float()}
         if self.pooled is not None:
             tensors["pooled"] = self.pooled
-        _write(path, NULL_TEXT_FORMAT, tensors, meta)
+        write_record(path, NULL_TEXT_FORMAT, tensors, meta)
 
     @classmethod
     def load(cls, path: str) -> NullText:
-        tensors, meta = _read(path, NULL_TEXT_FORMAT, "null-text")
+        tensors, meta = read_record(path, NULL_TEXT_FORMAT, "null-text")
         return cls(embeddings=tensors["embeddings"], sigmas=tensors["sigmas"], family=meta["family"],
                    model_name=meta["model_name"], latent_shape=tuple(json.loads(meta["latent_shape"])),
                    guidance=float(meta["guidance"]), pooled=tensors.get("pooled"),
@@ -164,18 +164,23 @@ def _raise_mismatches(found: list[str], what: str, fix: str) -> None:
         raise ValueError(f"{what} does not fit: " + "; ".join(found) + f". {fix}")
 
 
-def _write(path: str, file_format: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    if os.path.exists(path):
+def write_record(path: str | os.PathLike, file_format: str, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                 key: str = "format", overwrite: bool = False) -> None:
+    """A Retrace ``.safetensors`` record: CPU tensors, string metadata, ``meta[key]`` naming the format."""
+    if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists already; Retrace never overwrites a file.")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
-              metadata={"format": file_format, **meta})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
+              metadata={key: file_format, **meta})
 
 
-def _read(path: str, file_format: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(path, framework="pt") as f:
+def read_record(path: str | os.PathLike, file_format: str, kind: str, key: str = "format"
+                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a record written by :func:`write_record`; refuses another format."""
+    with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != file_format:
-            raise ValueError(f"{path} is not a Retrace {kind} file (format {meta.get('format')!r}, "
+        if meta.get(key) != file_format:
+            raise ValueError(f"{path} is not a Retrace {kind} file (format {meta.get(key)!r}, "
                              f"expected {file_format!r}).")
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
