@@ -163,6 +163,10 @@ class Direction:
         """True when each W+ row has its own vector (``vectors`` [K, num_ws, w_dim])."""
         return self.space == "w" and self.vectors.ndim == 3
 
+    def save(self, path: str | Path) -> Path:
+        """Write this direction as ``.safetensors`` (see :func:`save_direction`); never overwrites."""
+        return save_direction(path, self)
+
     def pick(self, index: int) -> Direction:
         """Component ``index`` alone (K=1), everything else kept."""
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.count:

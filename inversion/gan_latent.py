@@ -48,6 +48,10 @@ class GanLatent:
     def w_dim(self) -> int:
         return int(self.ws.shape[2])
 
+    def save(self, path: str | Path) -> Path:
+        """Write this latent as ``.safetensors`` (see :func:`save_gan_latent`); never overwrites."""
+        return save_gan_latent(path, self)
+
     def rows(self, index: slice | list[int]) -> GanLatent:
         """The latents of the chosen batch entries (a new object; this one is never changed)."""
         return GanLatent(ws=self.ws[index], space=self.space, model_id=self.model_id, family=self.family,

@@ -25,7 +25,6 @@ from ..editing.directions import (
     parse_layers,
     prompt_direction,
     read_boundary_file,
-    save_direction,
     sefa,
     style_mix,
     sweep,
@@ -34,7 +33,7 @@ from ..inversion.gan_latent import GanLatent
 from ..inversion.gan_projection import sample_ws
 from ._api import io, ui
 from ._stylegan import GanLatentType, StyleGAN, StyleGANType, base_id, check_latent_fits, tensor_to_image
-from .inversion_io import FOLDER as RECORD_FOLDER, file_exists, free_path, register_folder
+from .inversion_io import FOLDER as RECORD_FOLDER, file_exists, register_folder, save_record, save_schema
 
 log = logging.getLogger("retrace")
 
@@ -542,24 +541,15 @@ class RetraceStyleMix(io.ComfyNode):
 class RetraceSaveDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="RetraceSaveDirection",
-            display_name="Retrace Save Direction",
-            category=GAN_CATEGORY,
-            description="Save a direction (vectors, method, generator identity, layer range, scales) to "
-                        "output/retrace/ as .safetensors. Never overwrites a file.",
-            inputs=[DirectionType.Input("direction", tooltip="Any Retrace direction (StyleGAN or text)."),
-                    io.String.Input("filename_prefix", default="direction",
-                                    tooltip="Name prefix under output/retrace/; a counter is appended.")],
-            outputs=[],
-            is_output_node=True,
-        )
+        return save_schema(DirectionType.Input("direction", tooltip="Any Retrace direction (StyleGAN or text)."),
+                           "direction", node_id="RetraceSaveDirection", display_name="Retrace Save Direction",
+                           category=GAN_CATEGORY,
+                           description="Save a direction (vectors, method, generator identity, layer range, scales) to "
+                                       "output/retrace/ as .safetensors. Never overwrites a file.")
 
     @classmethod
     def execute(cls, direction: Direction, filename_prefix: str) -> io.NodeOutput:
-        path, relative = free_path(filename_prefix)
-        save_direction(path, direction)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {relative}"))
+        return save_record(direction, filename_prefix)
 
 
 class RetraceLoadDirection(io.ComfyNode):

@@ -4,6 +4,7 @@ latent they meet."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import folder_paths
 
@@ -36,7 +37,8 @@ def free_path(filename_prefix: str) -> tuple[str, str]:
         counter += 1
 
 
-def save_record(record: Inversion | NullText, filename_prefix: str) -> io.NodeOutput:
+def save_record(record: Any, filename_prefix: str) -> io.NodeOutput:
+    """Save anything with a ``save(path)`` method (inversions, null-text, GAN latents, directions)."""
     path, relative = free_path(filename_prefix)
     record.save(path)
     return io.NodeOutput(ui=ui.PreviewText(f"saved {relative}"))

@@ -8,7 +8,7 @@ import folder_paths
 import numpy as np
 import torch
 
-from ..inversion.gan_latent import GanLatent, load_gan_latent, save_gan_latent
+from ..inversion.gan_latent import GanLatent, load_gan_latent
 from ..models.layers import truncate
 from ..models.loader import convert_to_safetensors
 from ._api import io, ui
@@ -25,7 +25,7 @@ from ._stylegan import (
     register_folders,
     tensor_to_image,
 )
-from .inversion_io import FOLDER as RECORD_FOLDER, file_exists, free_path, register_folder
+from .inversion_io import FOLDER as RECORD_FOLDER, file_exists, register_folder, save_record, save_schema
 
 CATEGORY = "Retrace/stylegan"
 NOISE_MODES = ("const", "random", "none")
@@ -184,24 +184,15 @@ class RetraceStyleGANGenerate(io.ComfyNode):
 class RetraceGANLatentSave(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="RetraceGANLatentSave",
-            display_name="Retrace Save GAN Latent",
-            category=CATEGORY,
-            description="Save a GAN latent (W or W+, noise maps, generator identity) to output/retrace/ as "
-                        ".safetensors. Never overwrites a file.",
-            inputs=[GanLatentType.Input("latent", tooltip="From Project, Generate or Load GAN Latent."),
-                    io.String.Input("filename_prefix", default="gan_latent",
-                                    tooltip="Name prefix under output/retrace/; a counter is appended.")],
-            outputs=[],
-            is_output_node=True,
-        )
+        return save_schema(GanLatentType.Input("latent", tooltip="From Project, Generate or Load GAN Latent."),
+                           "gan_latent", node_id="RetraceGANLatentSave", display_name="Retrace Save GAN Latent",
+                           category=CATEGORY,
+                           description="Save a GAN latent (W or W+, noise maps, generator identity) to output/retrace/ "
+                                       "as .safetensors. Never overwrites a file.")
 
     @classmethod
     def execute(cls, latent: GanLatent, filename_prefix: str) -> io.NodeOutput:
-        path, relative = free_path(filename_prefix)
-        save_gan_latent(path, latent)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {relative}"))
+        return save_record(latent, filename_prefix)
 
 
 class RetraceGANLatentLoad(io.ComfyNode):
