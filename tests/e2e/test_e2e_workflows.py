@@ -150,3 +150,15 @@ def test_attention_edits_back_to_back(server, client, object_info: dict, input_i
     assert torch.equal(alone, again)
     assert torch.equal(other_alone, other_again)
     assert not torch.equal(alone, other_alone)
+
+
+def test_node_schemas_match_the_committed_snapshot(object_info: dict) -> None:
+    """Shared workflow files address widgets by position and links by slot: ids, input order and types, and
+    outputs stay as landed (scripts/node_schemas.py; update the snapshot only on purpose)."""
+    from scripts.node_schemas import SNAPSHOT, incompatibilities, schemas
+
+    snapshot = json.loads(SNAPSHOT.read_text(encoding="utf-8"))
+    live = schemas(object_info)
+    assert not incompatibilities(snapshot, live)
+    unrecorded = sorted(set(live) - set(snapshot))
+    assert not unrecorded, f"new nodes {unrecorded}: record them with `python -m scripts.node_schemas --update`"
