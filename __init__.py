@@ -5,6 +5,8 @@ time, so the numerics in ``inversion/`` and ``editing/`` can be used and tested 
 """
 
 __version__ = "0.1.0"
+# Served by the host at /extensions/retrace/: the node help pages (web/docs/<NodeId>.md) shown in its node help panel.
+WEB_DIRECTORY = "web"
 
 
 async def comfy_entrypoint():

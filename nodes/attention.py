@@ -113,7 +113,8 @@ class RetracePromptPair(io.ComfyNode):
                         "(Prompt-to-Prompt, Hertz et al. 2023). Use the source conditioning for the inversion and "
                         "the source pass, the target for the edit pass.",
             inputs=[
-                io.Clip.Input("clip"),
+                io.Clip.Input("clip", tooltip="The text encoder of the checkpoint you will sample (SD1.x, SDXL, Flux "
+                                              "or SD3); both prompts are encoded with it."),
                 io.String.Input("source", multiline=True, default="a photo of a cat",
                                 tooltip="What the photo shows: the prompt it is inverted and reconstructed with."),
                 io.String.Input("target", multiline=True, default="a photo of a dog",
@@ -121,9 +122,14 @@ class RetracePromptPair(io.ComfyNode):
                                         "swapped. Refine: words added. Empty: the same as the source."),
             ],
             outputs=[
-                io.Conditioning.Output("source_conditioning", display_name="source"),
-                io.Conditioning.Output("target_conditioning", display_name="target"),
-                PromptPairType.Output("pair", display_name="pair"),
+                io.Conditioning.Output("source_conditioning", display_name="source",
+                                       tooltip="The source prompt's conditioning: for Retrace Invert, null-text and "
+                                               "the source pass."),
+                io.Conditioning.Output("target_conditioning", display_name="target",
+                                       tooltip="The target prompt's conditioning: for the edit pass."),
+                PromptPairType.Output("pair", display_name="pair",
+                                      tooltip="Both prompts' tokens; connect to Retrace Attention Inject and Retrace "
+                                              "Attention Maps."),
             ],
         )
 
@@ -149,7 +155,8 @@ class RetraceAttentionStore(io.ComfyNode):
                         "The store is reset at the start of that run. Feed it to Retrace Attention Inject for the "
                         "edit pass, or to Retrace Attention Maps. SD1.x, SDXL, Flux and SD3.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model from the loader (or LoRA chain), not one already patched by "
+                                                "a Retrace store or inject."),
                 io.Boolean.Input("cross_attention", default=True,
                                  tooltip="Record cross-attention (the prompt's words): needed for replace, refine, "
                                          "reweight with a source, local blend and the maps."),
@@ -170,7 +177,9 @@ class RetraceAttentionStore(io.ComfyNode):
             outputs=[
                 io.Model.Output("model_out", display_name="model",
                                 tooltip="Sample the source pass with this model."),
-                AttentionStoreType.Output("store", display_name="store"),
+                AttentionStoreType.Output("store", display_name="store",
+                                          tooltip="Filled when the source pass runs; connect to Retrace Attention "
+                                                  "Inject or Retrace Attention Maps."),
             ],
         )
 
@@ -198,7 +207,8 @@ class RetraceAttentionInject(io.ComfyNode):
                         "same schedule and latent as the source pass.",
             inputs=[
                 io.Model.Input("model", tooltip="The same model the store was made from (not the store's output)."),
-                PromptPairType.Input("pair"),
+                PromptPairType.Input("pair", tooltip="From Retrace Prompt Pair: the source and target prompts whose "
+                                                     "tokens are aligned."),
                 io.Combo.Input("mode", options=list(MODES), default="replace",
                                tooltip="replace: word swap, cross-attention maps taken word for word. refine: words "
                                        "added, aligned tokens take the source's maps. none: no source maps (only "
@@ -298,7 +308,8 @@ class RetraceAttentionMaps(io.ComfyNode):
                         "steps (as Prompt-to-Prompt shows them): an overlay IMAGE and a MASK per image and word, "
                         "image by image, word by word.",
             inputs=[
-                AttentionStoreType.Input("store"),
+                AttentionStoreType.Input("store", tooltip="From Retrace Attention Store with cross_attention on, "
+                                                          "filled by the source pass."),
                 PromptPairType.Input("pair", tooltip="The pair whose source prompt the store's pass was sampled with."),
                 io.Latent.Input("samples", tooltip="The output of the pass that filled the store (so the maps are "
                                                    "made after it)."),
@@ -311,7 +322,11 @@ class RetraceAttentionMaps(io.ComfyNode):
                                tooltip="Fraction of the steps where averaging ends."),
                 io.Image.Input("image", optional=True, tooltip="The photo to overlay the heatmaps on."),
             ],
-            outputs=[io.Image.Output("overlay", display_name="overlay"), io.Mask.Output("mask", display_name="mask")],
+            outputs=[io.Image.Output("overlay", display_name="overlay",
+                                     tooltip="Heatmaps (blue low, red high), half over the image if one is given; one "
+                                             "per image and word. Connect to Save Image or Preview Image."),
+                     io.Mask.Output("mask", display_name="mask",
+                                    tooltip="The same heatmaps as masks with a peak of 1, in the overlay's order.")],
         )
 
     @classmethod

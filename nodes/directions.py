@@ -181,7 +181,10 @@ class RetraceSeFa(io.ComfyNode):
                 io.Int.Input("count", default=10, min=1, max=4096,
                              tooltip="How many directions, strongest first (at most w_dim)."),
             ],
-            outputs=[DirectionType.Output(display_name="direction")],
+            outputs=[DirectionType.Output(
+                display_name="direction",
+                tooltip="Unit directions in W, strongest first, with their layer range; connect to "
+                        "Apply Direction, Direction Sweep or Save Direction.")],
         )
 
     @classmethod
@@ -222,7 +225,10 @@ class RetraceGANSpace(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seeds the sampled z (and classes "
                              "of a conditional generator)."),
             ],
-            outputs=[DirectionType.Output(display_name="direction")],
+            outputs=[DirectionType.Output(
+                display_name="direction",
+                tooltip="Principal components of W (strength unit: one standard deviation each) "
+                        "with their layer range; connect to Apply Direction or Direction Sweep.")],
         )
 
     @classmethod
@@ -263,7 +269,10 @@ class RetraceLoadBoundary(io.ComfyNode):
                                        "[K, num_ws, w_dim] values."),
                 StyleGANType.Input("stylegan", tooltip="The generator the direction was made for."),
             ],
-            outputs=[DirectionType.Output(display_name="direction")],
+            outputs=[DirectionType.Output(
+                display_name="direction",
+                tooltip="The file's direction(s), now tied to this generator; connect to Apply "
+                        "Direction, Direction Sweep or Conditional Direction.")],
         )
 
     @classmethod
@@ -306,7 +315,10 @@ class RetraceLearnBoundary(io.ComfyNode):
                                tooltip="svm: linear SVM (as InterFaceGAN); logistic: logistic regression; mean "
                                        "difference: the normalised difference of the two means."),
             ],
-            outputs=[DirectionType.Output(display_name="direction")],
+            outputs=[DirectionType.Output(
+                display_name="direction",
+                tooltip="The unit normal of the boundary, pointing toward the positive set; connect "
+                        "to Apply Direction, Direction Sweep or Save Direction.")],
         )
 
     @classmethod
@@ -343,7 +355,10 @@ class RetraceConditionalDirection(io.ComfyNode):
                 io.Int.Input("remove_index", default=-1, min=-1, max=4095,
                              tooltip="Which component of 'remove'; -1 = all of its components."),
             ],
-            outputs=[DirectionType.Output(display_name="direction")],
+            outputs=[DirectionType.Output(
+                display_name="direction",
+                tooltip="One unit direction with the removed parts taken out (strength in w "
+                        "units); connect to Apply Direction or Direction Sweep.")],
         )
 
     @classmethod
@@ -384,7 +399,10 @@ class RetraceApplyDirection(io.ComfyNode):
                                tooltip="How far to move; negative moves the other way. " + STRENGTH_NOTE),
                 io.String.Input("layers", default=AUTO, tooltip=APPLY_LAYERS_TOOLTIP),
             ],
-            outputs=[GanLatentType.Output(display_name="latent")],
+            outputs=[GanLatentType.Output(
+                display_name="latent",
+                tooltip="The moved latent (W+ unless every row moved alike), noise maps kept; "
+                        "render it with Generate or save it.")],
         )
 
     @classmethod
@@ -422,7 +440,14 @@ class RetraceDirectionSweep(io.ComfyNode):
                              tooltip="How many images; an odd count over a symmetric range includes strength 0."),
                 io.String.Input("layers", default=AUTO, tooltip=APPLY_LAYERS_TOOLTIP),
             ],
-            outputs=[io.Image.Output(display_name="images"), GanLatentType.Output(display_name="latents")],
+            outputs=[io.Image.Output(
+                display_name="images",
+                tooltip="One render per strength, strength_min first; connect to Save Image or "
+                        "Preview Image."),
+                     GanLatentType.Output(
+                display_name="latents",
+                tooltip="The swept latents, one per image in the same order (Save GAN Latent "
+                        "saves them as one batch).")],
         )
 
     @classmethod
@@ -461,7 +486,13 @@ class RetraceInterpolateLatents(io.ComfyNode):
                 GanLatentType.Input("latent_b", tooltip="The last image's latent (a batch of one)."),
                 io.Int.Input("count", default=8, min=2, max=256, tooltip="How many images, ends included."),
             ],
-            outputs=[io.Image.Output(display_name="images"), GanLatentType.Output(display_name="latents")],
+            outputs=[io.Image.Output(
+                display_name="images",
+                tooltip="count renders from latent_a to latent_b; connect to Save Image or "
+                        "Preview Image."),
+                     GanLatentType.Output(
+                display_name="latents",
+                tooltip="The interpolated latents, one per image in the same order.")],
         )
 
     @classmethod
@@ -507,7 +538,13 @@ class RetraceStyleMix(io.ComfyNode):
                              tooltip="The first W+ row taken from 'fine' (0 = all from fine; num_ws = all from "
                                      "coarse)."),
             ],
-            outputs=[io.Image.Output(display_name="images"), GanLatentType.Output(display_name="latents")],
+            outputs=[io.Image.Output(
+                display_name="images",
+                tooltip="The mixed renders; connect to Save Image or Preview Image."),
+                     GanLatentType.Output(
+                display_name="latents",
+                tooltip="The mixed latents (one per image) with the noise maps of the rows "
+                        "they came from.")],
         )
 
     @classmethod
@@ -568,7 +605,10 @@ class RetraceLoadDirection(io.ComfyNode):
                 StyleGANType.Input("stylegan", optional=True,
                                    tooltip="If given, the direction must belong to this generator."),
             ],
-            outputs=[DirectionType.Output(display_name="direction")],
+            outputs=[DirectionType.Output(
+                display_name="direction",
+                tooltip="The saved direction; connect to Apply Direction or Direction Sweep "
+                        "(StyleGAN) or Apply Prompt Direction (text).")],
         )
 
     @classmethod
@@ -630,7 +670,10 @@ class RetracePromptDirection(io.ComfyNode):
                 io.String.Input("target_prompts", multiline=True, default="a photo of a dog\na dog sitting",
                                 tooltip="One prompt per line describing what it should become."),
             ],
-            outputs=[DirectionType.Output(display_name="direction")],
+            outputs=[DirectionType.Output(
+                display_name="direction",
+                tooltip="A text direction (mean of the target prompts minus mean of the source "
+                        "prompts); connect to Apply Prompt Direction or Save Direction.")],
         )
 
     @classmethod
@@ -672,7 +715,10 @@ class RetraceApplyPromptDirection(io.ComfyNode):
                                tooltip="1 = the full source-to-target offset; 0 = unchanged; negative = the other "
                                        "way."),
             ],
-            outputs=[io.Conditioning.Output(display_name="conditioning")],
+            outputs=[io.Conditioning.Output(
+                display_name="conditioning",
+                tooltip="The shifted conditioning (a new copy; the input is unchanged); use "
+                        "it as the edit prompt of the guider or sampler.")],
         )
 
     @classmethod

@@ -78,7 +78,13 @@ class RetraceStyleGANProject(io.ComfyNode):
                               tooltip="Inpainting: masked pixels (1) do not count; the render fills them. Use space W: "
                                       "W+ can fit the visible part without constraining the hole."),
             ],
-            outputs=[GanLatentType.Output(display_name="latent"), io.Image.Output(display_name="image")],
+            outputs=[GanLatentType.Output(display_name="latent",
+                                          tooltip="The found W/W+ latent with its optimised noise maps; render it "
+                                                  "with Generate, edit it with Apply Direction or tune around it "
+                                                  "with Pivotal Tuning."),
+                     io.Image.Output(display_name="image",
+                                     tooltip="The render of the found latent (the reconstruction, with the "
+                                             "filled-in parts), at the generator's resolution.")],
         )
 
     @classmethod
@@ -139,7 +145,11 @@ class RetraceStyleGANPivotalTuning(io.ComfyNode):
                 io.Combo.Input("on_mismatch", options=list(ON_MISMATCH), default="resize", tooltip=MISMATCH_TOOLTIP),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seeds the regulariser's samples."),
             ],
-            outputs=[StyleGANType.Output(display_name="stylegan"), io.Image.Output(display_name="image")],
+            outputs=[StyleGANType.Output(display_name="stylegan",
+                                          tooltip="A tuned copy of the generator (the loaded one is unchanged); "
+                                                  "render the pivot and its edits with it in Generate or Sweep."),
+                     io.Image.Output(display_name="image",
+                                     tooltip="The tuned copy's render of the pivot, to compare with the photo.")],
         )
 
     @classmethod

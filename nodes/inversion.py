@@ -93,12 +93,14 @@ class RetraceInversionSigmas(io.ComfyNode):
             description="Ascending sigmas for inverting with SamplerCustomAdvanced: like FlipSigmas, but a flow "
                         "model's top sigma stays just below 1, where the host's final rescale would divide by zero.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to invert; its sampling settings give the sigmas (a flow "
+                                                "model's top sigma is capped at 1 - 1e-4)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal",
                                tooltip=SCHEDULER_TOOLTIP),
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Number of inversion steps."),
             ],
-            outputs=[io.Sigmas.Output()],
+            outputs=[io.Sigmas.Output(tooltip="Ascending sigmas; connect to SamplerCustomAdvanced with DisableNoise "
+                                              "and a Retrace inversion sampler.")],
         )
 
     @classmethod
@@ -119,17 +121,18 @@ class RetraceInvert(io.ComfyNode):
                         "SD1.x/SD2/SDXL, rectified-flow inversion for Flux/SD3. Returns the noise and the whole "
                         "trajectory (for Retrace Sample Inversion, null-text and direct inversion).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The diffusion model to invert into (SD1.x, SD2, SDXL, Flux, SD3); "
+                                                "sample back with the same model."),
                 io.Latent.Input("latent", tooltip="The image encoded by this model's VAE (Retrace VAE Encode for Inversion)."),
                 io.Conditioning.Input("positive", tooltip="The prompt that describes the source image."),
                 io.Int.Input("steps", default=50, min=1, max=1000,
                              tooltip="Inversion steps; sampling back uses the same schedule. 50 in the DDIM-inversion papers."),
                 io.Float.Input("guidance", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance while inverting. 1 (none) inverts most faithfully; "
-                                       "values above 1 need a negative."),
+                                       "any other value needs a negative."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal",
                                tooltip=SCHEDULER_TOOLTIP),
-                io.Conditioning.Input("negative", optional=True, tooltip="Only needed for guidance above 1."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Only needed for a guidance other than 1."),
                 io.Sampler.Input("sampler", optional=True,
                                  tooltip="A Retrace inversion sampler (solver choice, RF-Inversion). Default: Euler / DDIM."),
             ],
@@ -157,18 +160,21 @@ class RetraceSampleInversion(io.ComfyNode):
             description="Sample back from an inversion along its own schedule. With the source prompt it "
                         "reconstructs the image; with a new prompt (or an edit sampler) it edits it.",
             inputs=[
-                io.Model.Input("model"),
-                InversionType.Input("inversion"),
+                io.Model.Input("model", tooltip="The model the inversion was made with (the same checkpoint type)."),
+                InversionType.Input("inversion", tooltip="From Retrace Invert or Retrace Load Inversion: the noise "
+                                                         "to start from and the schedule to follow."),
                 io.Conditioning.Input("positive", tooltip="Source prompt to reconstruct, target prompt to edit."),
                 io.Float.Input("guidance", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance. 1 reconstructs plain inversions best; editing "
-                                       "usually uses about 7.5 (with null-text) or a flow model's own guidance."),
-                io.Conditioning.Input("negative", optional=True, tooltip="Only needed for guidance above 1."),
+                               tooltip="Classifier-free guidance. 1 reconstructs a plain inversion best; higher "
+                                       "values edit harder but drift from the photo (for 7.5 use a null-text, "
+                                       "negative-prompt or direct-inversion guider); Flux takes its guidance from "
+                                       "the conditioning, so keep 1 there."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Only needed for a guidance other than 1."),
                 io.Sampler.Input("sampler", optional=True,
                                  tooltip="A Retrace sampling sampler, e.g. RF-Inversion (edit). Default: the solver "
                                          "the inversion was made with."),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="The reconstructed or edited latent; connect to VAE Decode.")],
         )
 
     @classmethod
@@ -187,13 +193,15 @@ class RetraceSampleInversionGuided(io.ComfyNode):
             description="Sample back from an inversion along its exact schedule with any guider: Retrace Null-Text, "
                         "Negative-Prompt or Direct Inversion Guider, or the host's CFGGuider.",
             inputs=[
-                InversionType.Input("inversion"),
+                InversionType.Input("inversion", tooltip="From Retrace Invert or Retrace Load Inversion: the noise to "
+                                                         "start from and the exact schedule to follow."),
                 io.Guider.Input("guider", tooltip="Its model must be the one the inversion was made with."),
                 io.Sampler.Input("sampler", optional=True,
                                  tooltip="A Retrace sampling sampler. Default: Euler (DDIM), which the null-text and "
                                          "direct-inversion guiders need."),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="The reconstructed or edited latent; connect to VAE Decode, or to "
+                                              "Attention Inject's source_result after a source pass.")],
         )
 
     @classmethod

@@ -65,13 +65,15 @@ class RetraceNegativePromptGuider(io.ComfyNode):
                         "unconditional embedding, so full guidance reconstructs about as well as null-text with no "
                         "optimisation at all. Use with Retrace Sample Inversion (Guider) or SamplerCustomAdvanced.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model the image was inverted with, or a patched clone of it from "
+                                                "Retrace Attention Store / Inject."),
                 io.Conditioning.Input("positive", tooltip="The target prompt to edit with (the source prompt reconstructs)."),
                 io.Conditioning.Input("source", tooltip="The prompt that describes the source image, used as the negative."),
                 io.Float.Input("guidance", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip=GUIDANCE_TOOLTIP),
             ],
-            outputs=[io.Guider.Output()],
+            outputs=[io.Guider.Output(tooltip="Connect to Retrace Sample Inversion (Guider), or to "
+                                              "SamplerCustomAdvanced with the inversion's noise and exact schedule.")],
         )
 
     @classmethod
@@ -92,8 +94,10 @@ class RetraceDirectInversionGuider(io.ComfyNode):
                         "exactly and a target prompt edits with the same corrections. No optimisation; works for "
                         "eps, v and flow models. Needs an Euler/DDIM sampler on the inversion's schedule.",
             inputs=[
-                io.Model.Input("model"),
-                InversionType.Input("inversion"),
+                io.Model.Input("model", tooltip="The model the inversion was made with, or a patched clone of it from "
+                                                "Retrace Attention Store / Inject."),
+                InversionType.Input("inversion", tooltip="From Retrace Invert (guidance 1, source prompt): the "
+                                                         "trajectory every step is corrected toward."),
                 io.Conditioning.Input("positive", tooltip="The target prompt to edit with; connect the source prompt "
                                                           "here as well to reconstruct."),
                 io.Conditioning.Input("source", tooltip="The prompt that describes the source image."),
@@ -101,7 +105,8 @@ class RetraceDirectInversionGuider(io.ComfyNode):
                 io.Float.Input("guidance", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip=GUIDANCE_TOOLTIP),
             ],
-            outputs=[io.Guider.Output()],
+            outputs=[io.Guider.Output(tooltip="Connect to Retrace Sample Inversion (Guider) with the same inversion, "
+                                              "and an Euler/DDIM sampler (its default).")],
         )
 
     @classmethod

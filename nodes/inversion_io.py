@@ -84,7 +84,8 @@ def load_schema(file_input: str, what: str, output: io.Output, *, node_id: str, 
 class RetraceSaveInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return save_schema(InversionType.Input("inversion"), "inversion", node_id="RetraceSaveInversion",
+        record = InversionType.Input("inversion", tooltip="From Retrace Invert: noise, trajectory and schedule.")
+        return save_schema(record, "inversion", node_id="RetraceSaveInversion",
                            display_name="Retrace Save Inversion", category="Retrace/inversion",
                            description="Save an inversion (noise, trajectory, sigmas, model family and shapes) to "
                                        "output/retrace/ as .safetensors. Never overwrites a file.")
@@ -97,7 +98,9 @@ class RetraceSaveInversion(io.ComfyNode):
 class RetraceLoadInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return load_schema("inversion_file", "inversion", InversionType.Output(), node_id="RetraceLoadInversion",
+        output = InversionType.Output(tooltip="The saved inversion, checked against the model; connect to Sample "
+                                              "Inversion, the guiders or Null-Text Inversion.")
+        return load_schema("inversion_file", "inversion", output, node_id="RetraceLoadInversion",
                            display_name="Retrace Load Inversion", category="Retrace/inversion",
                            description="Load a saved inversion and check that it fits the model (and latent, if "
                                        "given); a mismatch is named before anything runs.")
@@ -114,7 +117,8 @@ class RetraceLoadInversion(io.ComfyNode):
 class RetraceSaveNullText(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return save_schema(NullTextType.Input("null_text"), "null_text", node_id="RetraceSaveNullText",
+        record = NullTextType.Input("null_text", tooltip="From Retrace Null-Text Inversion (or Load Null-Text).")
+        return save_schema(record, "null_text", node_id="RetraceSaveNullText",
                            display_name="Retrace Save Null-Text", category="Retrace/inversion/guidance",
                            description="Save null-text embeddings (with their schedule, model and guidance) to "
                                        "output/retrace/ as .safetensors. Never overwrites a file.")
@@ -127,7 +131,9 @@ class RetraceSaveNullText(io.ComfyNode):
 class RetraceLoadNullText(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return load_schema("null_text_file", "null-text", NullTextType.Output(), node_id="RetraceLoadNullText",
+        output = NullTextType.Output(tooltip="The saved per-step embeddings, checked against the model; connect "
+                                             "to Retrace Null-Text Guider.")
+        return load_schema("null_text_file", "null-text", output, node_id="RetraceLoadNullText",
                            display_name="Retrace Load Null-Text", category="Retrace/inversion/guidance",
                            description="Load saved null-text embeddings and check that they fit the model (and "
                                        "latent, if given).")

@@ -180,7 +180,8 @@ class RetraceNullTextInversion(io.ComfyNode):
                         "Retrace Null-Text Guider to reconstruct or edit. Gradients flow only to the embeddings; "
                         "the model is never changed.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model the inversion was made with; only the embeddings are "
+                                                "optimised, its weights never change."),
                 InversionType.Input("inversion", tooltip="From Retrace Invert, made at guidance 1 with the source prompt."),
                 io.Conditioning.Input("positive", tooltip="The source prompt: the one the image was inverted with."),
                 io.Conditioning.Input("negative", tooltip="The unconditional prompt, normally empty: its pooled output and "
@@ -237,11 +238,14 @@ class RetraceNullTextGuider(io.ComfyNode):
                         "guidance it was optimised for. The source prompt reconstructs; a target prompt edits. "
                         "Use with Retrace Sample Inversion (Guider) or SamplerCustomAdvanced + DisableNoise.",
             inputs=[
-                io.Model.Input("model"),
-                NullTextType.Input("null_text"),
+                io.Model.Input("model", tooltip="The model the null-text was optimised with, or a patched clone of "
+                                                "it from Retrace Attention Store / Inject."),
+                NullTextType.Input("null_text", tooltip="From Retrace Null-Text Inversion or Retrace Load Null-Text; "
+                                                        "it fixes the guidance and the schedule."),
                 io.Conditioning.Input("positive", tooltip="The source prompt to reconstruct, a target prompt to edit."),
             ],
-            outputs=[io.Guider.Output()],
+            outputs=[io.Guider.Output(tooltip="Connect to Retrace Sample Inversion (Guider) with the inversion the "
+                                              "null-text was optimised on.")],
         )
 
     @classmethod

@@ -97,7 +97,8 @@ class RetraceInversionSampler(io.ComfyNode):
                         "DisableNoise and ascending sigmas (FlipSigmas or Retrace Inversion Sigmas); with descending "
                         "sigmas it samples back.",
             inputs=[io.Combo.Input("solver", options=list(SOLVERS), default="euler", tooltip=SOLVER_TOOLTIP)],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustomAdvanced, or to the sampler input of Retrace "
+                                               "Invert, Sample Inversion or Sample Inversion (Guider).")],
         )
 
     @classmethod
@@ -122,7 +123,8 @@ class RetraceRFInversionSampler(io.ComfyNode):
                              tooltip="Seed of the noise sample the controller steers toward."),
                 io.Combo.Input("solver", options=list(SOLVERS), default="euler", tooltip=SOLVER_TOOLTIP),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="Connect to Retrace Invert's sampler (or to SamplerCustomAdvanced "
+                                               "with Retrace Inversion Sigmas).")],
         )
 
     @classmethod
@@ -153,7 +155,8 @@ class RetraceRFInversionEditSampler(io.ComfyNode):
                                 tooltip="The encoded source image. Leave empty under Retrace Sample Inversion, "
                                         "which takes it from the inversion."),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="Connect to Retrace Sample Inversion's sampler (or Sample Inversion "
+                                               "(Guider)); the edit prompt goes to its positive.")],
         )
 
     @classmethod

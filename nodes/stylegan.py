@@ -59,7 +59,10 @@ class RetraceStyleGANLoader(io.ComfyNode):
                                tooltip="auto: float32 weights, float16 at the top resolutions on a GPU as the "
                                        "original code does. float16/bfloat16: the whole generator in that precision."),
             ],
-            outputs=[StyleGANType.Output(display_name="stylegan")],
+            outputs=[StyleGANType.Output(
+                display_name="stylegan",
+                tooltip="The generator in ComfyUI's model manager; connect to Generate, Project, Pivotal Tuning, "
+                        "SeFa, GANSpace or the latent and direction loaders.")],
         )
 
     @classmethod
@@ -82,7 +85,9 @@ class RetraceStyleGANConvert(io.ComfyNode):
                         "(tensors plus the architecture in the metadata). Never overwrites a file. The same as "
                         "`python -m models.convert` in the Retrace folder.",
             inputs=[io.Combo.Input("generator", options=generator_files(), tooltip="A file in models/stylegan/.")],
-            outputs=[io.String.Output(display_name="path")],
+            outputs=[io.String.Output(display_name="path",
+                                       tooltip="Full path of the new .safetensors in models/stylegan/; refresh "
+                                               "the node lists and pick it in Retrace Load StyleGAN.")],
             is_output_node=True,
         )
 
@@ -154,7 +159,12 @@ class RetraceStyleGANGenerate(io.ComfyNode):
                 GanLatentType.Input("latent", optional=True,
                                     tooltip="Render this latent (from projection or a saved file) instead of seeds."),
             ],
-            outputs=[io.Image.Output(display_name="image"), GanLatentType.Output(display_name="latent")],
+            outputs=[io.Image.Output(display_name="image",
+                                     tooltip="One render per seed (or per latent) at the generator's resolution; "
+                                             "connect to Save Image or Preview Image."),
+                     GanLatentType.Output(display_name="latent",
+                                          tooltip="The W/W+ latents of these renders; connect to Apply Direction, "
+                                                  "Direction Sweep, Style Mix or Save GAN Latent.")],
         )
 
     @classmethod
@@ -207,7 +217,9 @@ class RetraceGANLatentLoad(io.ComfyNode):
             inputs=[io.Combo.Input("latent_file", options=folder_paths.get_filename_list(RECORD_FOLDER),
                                    tooltip="From output/retrace/ or models/retrace_inversions/."),
                     StyleGANType.Input("stylegan", tooltip="The generator the latent will be rendered with.")],
-            outputs=[GanLatentType.Output(display_name="latent")],
+            outputs=[GanLatentType.Output(display_name="latent",
+                                          tooltip="The saved W/W+ latent with its noise maps; connect to Generate, "
+                                                  "Apply Direction or Pivotal Tuning.")],
         )
 
     @classmethod

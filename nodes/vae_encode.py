@@ -59,16 +59,20 @@ class RetraceVAEEncodeForInversion(io.ComfyNode):
                         "refine the latent so the decoder reproduces the image more closely. Reports PSNR before "
                         "and after refinement.",
             inputs=[
-                io.Image.Input("image"),
-                io.Vae.Input("vae"),
+                io.Image.Input("image", tooltip="The photo to invert (alpha is dropped); a side that is not a "
+                                                "multiple of the VAE's factor (8) is cropped to one."),
+                io.Vae.Input("vae", tooltip="The VAE of the checkpoint you will invert with; its latent channels "
+                                            "must match that model's."),
                 io.Int.Input("refine_steps", default=0, min=0, max=1000,
-                             tooltip="Gradient steps on the latent against the decoder; 0 is the plain encoder mean. "
-                                     "20-100 steps typically gain 1-3 dB on real VAEs."),
+                             tooltip="Adam steps on the latent against the decoder; 0 is the plain encoder mean. Each step "
+                                     "is one decode and its backward pass; the PSNR outputs show what they gained."),
                 io.Float.Input("refine_lr", default=0.05, min=0.0001, max=1.0, step=0.0001, round=0.0001,
                                tooltip="Adam learning rate of the refinement."),
             ],
             outputs=[
-                io.Latent.Output("latent", display_name="latent"),
+                io.Latent.Output("latent", display_name="latent",
+                                 tooltip="The posterior-mean latent (refined if refine_steps > 0); connect to "
+                                         "Retrace Invert."),
                 io.Float.Output("psnr_before", display_name="psnr_before", tooltip="PSNR (dB) of decode(encode(image))."),
                 io.Float.Output("psnr_after", display_name="psnr_after", tooltip="PSNR (dB) after refinement."),
             ],
