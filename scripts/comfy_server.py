@@ -142,6 +142,7 @@ class ComfyServer:
     port: int = 0
     extra_args: list[str] = field(default_factory=list)
     threads: int | None = None
+    cpu: bool = True  # False: the host uses the GPU it sees (CUDA_VISIBLE_DEVICES), as the batch runner's workers do
     process: subprocess.Popen | None = None
 
     @property
@@ -182,7 +183,8 @@ class ComfyServer:
         for sub in ("output", "input", "temp", "user"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []),
+               "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
                "--temp-directory", str(self.run_dir / "temp"), "--user-directory", str(self.run_dir / "user"),
