@@ -12,11 +12,11 @@ CKPT ?=
 IMAGE ?=
 QUICK ?=
 
-.PHONY: setup test test-core test-host test-e2e demo bench serve lint clean
+.PHONY: setup test test-core test-host test-e2e test-browser thumbnails demo bench serve batch lint clean
 
 setup: $(STAMP)
 
-$(STAMP): Makefile requirements.txt requirements-dev.txt scripts/setup_host.sh
+$(STAMP): Makefile requirements.txt requirements-dev.txt requirements-batch.txt scripts/setup_host.sh
 	bash scripts/setup_host.sh "$(PY)" "$(VENV)" "$(HOST)" "$(HOST_WHEEL_VERSION)"
 	touch $(STAMP)
 
@@ -32,6 +32,12 @@ test-host: setup
 test-e2e: setup
 	$(VPY) -m pytest -q tests -m e2e
 
+test-browser: setup
+	$(VPY) -m pytest -q tests -m browser
+
+thumbnails: setup
+	$(VPY) -m scripts.browser thumbnails
+
 demo: setup
 	$(VPY) -m scripts.demo --ckpt "$(CKPT)" --image "$(IMAGE)" --out demo_out
 
@@ -40,6 +46,19 @@ bench: setup
 
 serve: setup
 	cd $(HOST) && ../../$(VPY) main.py --cpu --listen 127.0.0.1 --port $(PORT) --disable-auto-launch
+
+# make batch WORKFLOW=workflows/x.json IMAGES=folder OUT=folder [ARGS="--set 3.steps=100 --workers 4 ..."]:
+# runs a UI-format workflow over every image of a folder with Ray (python -m batch --help lists the options).
+ifneq ($(filter batch,$(MAKECMDGOALS)),)
+BATCH_MISSING := $(strip $(if $(WORKFLOW),,WORKFLOW) $(if $(IMAGES),,IMAGES) $(if $(OUT),,OUT))
+ifneq ($(BATCH_MISSING),)
+$(error make batch needs $(BATCH_MISSING): make batch WORKFLOW=workflows/<file>.json IMAGES=<folder of images> OUT=<output folder> [ARGS="--set NODE.INPUT=VALUE ..."])
+endif
+endif
+
+batch: setup
+	@$(VPY) -c "import ray" 2>/dev/null || $(VPY) -m pip install -q -r requirements-batch.txt
+	$(VPY) -m batch "$(WORKFLOW)" "$(IMAGES)" "$(OUT)" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -32,4 +32,15 @@ grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|spandrel)\s*($|[<>=~])' "$hos
 "$vpy" -m pip install -q -r .cache/host-requirements.txt -r requirements.txt -r requirements-dev.txt
 
 ln -sfn "$root" "$host/custom_nodes/retrace"
+
+# The browser test layer drives the system's Chromium (Debian's package); never a browser download.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the browser tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >.cache/apt-chromium.log 2>&1 \
+      || echo "setup: WARNING: apt-get could not install chromium (see .cache/apt-chromium.log); the browser tests will be skipped" >&2
+  else
+    echo "setup: WARNING: no chromium and no root apt-get to install it; the browser tests will be skipped" >&2
+  fi
+fi
 echo "setup: $("$vpy" -c 'import torch; print("torch", torch.__version__)'), host $(cat "$host/comfyui_version.py" | grep __version__)"
