@@ -36,7 +36,7 @@ METHODS = ("sefa", "ganspace", "logistic", "svm", "mean-difference", "file", "co
 BOUNDARY_METHODS = ("svm", "logistic", "mean-difference")
 LAYER_PRESETS = ("all", "coarse", "middle", "fine")
 BOUNDARY_SUFFIXES = (".npy", ".safetensors", ".pt", ".pth")
-_FORMAT = "retrace-direction"
+DIRECTION_FORMAT = "retrace-direction"
 _BOUNDARY_KEYS = ("direction", "boundary")
 # L2 weight on the mean loss in standardised units (LIBLINEAR C = 10/N): few, separable examples in 512-D
 # otherwise give a max-margin normal that follows the examples' noise more than the attribute.
@@ -523,14 +523,14 @@ def save_direction(path: str | Path, direction: Direction, overwrite: bool = Fal
     meta = {"space": direction.space, "method": direction.method, "model_id": direction.model_id,
             "num_ws": str(direction.num_ws),
             "layers": json.dumps(list(direction.layers) if direction.layers is not None else None)}
-    write_record(path, _FORMAT, tensors, meta, key=FORMAT_KEY, overwrite=overwrite)
+    write_record(path, DIRECTION_FORMAT, tensors, meta, key=FORMAT_KEY, overwrite=overwrite)
     return path
 
 
 def load_direction(path: str | Path) -> Direction:
     """Read a direction written by :func:`save_direction`."""
     path = Path(path)
-    tensors, meta = read_record(path, _FORMAT, "direction", key=FORMAT_KEY)
+    tensors, meta = read_record(path, DIRECTION_FORMAT, "direction", key=FORMAT_KEY)
     if "vectors" not in tensors:
         raise ValueError(f"{path.name} holds no 'vectors' tensor (tensors: {sorted(tensors)})")
     try:
@@ -587,7 +587,7 @@ def read_boundary_file(path: str | Path) -> torch.Tensor:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 keys = list(f.keys())
-                if meta.get("retrace.format") == _FORMAT and "vectors" in keys:
+                if meta.get("retrace.format") == DIRECTION_FORMAT and "vectors" in keys:
                     data = f.get_tensor("vectors")
                 else:
                     key = next((k for k in _BOUNDARY_KEYS if k in keys), keys[0] if keys else None)

@@ -10,7 +10,7 @@ import torch
 from .record import read_record, write_record
 
 SPACES = ("w", "w+")
-_FORMAT = "retrace-gan-latent"
+LATENT_FORMAT = "retrace-gan-latent"
 FORMAT_KEY = "retrace.format"
 
 
@@ -76,13 +76,13 @@ def save_gan_latent(path: str | Path, latent: GanLatent, overwrite: bool = False
     """Write ``latent`` as ``.safetensors`` (tensors ``ws`` and ``noise.<layer>``, metadata for the rest)."""
     tensors = {"ws": latent.ws.float(), **{f"noise.{k}": v.float() for k, v in latent.noise.items()}}
     meta = {"space": latent.space, "model_id": latent.model_id, "family": latent.family}
-    write_record(path, _FORMAT, tensors, meta, key=FORMAT_KEY, overwrite=overwrite)
+    write_record(path, LATENT_FORMAT, tensors, meta, key=FORMAT_KEY, overwrite=overwrite)
     return Path(path)
 
 
 def load_gan_latent(path: str | Path) -> GanLatent:
     """Read a latent written by :func:`save_gan_latent`."""
-    tensors, meta = read_record(path, _FORMAT, "GAN latent", key=FORMAT_KEY)
+    tensors, meta = read_record(path, LATENT_FORMAT, "GAN latent", key=FORMAT_KEY)
     noise = {k[len("noise."):]: v for k, v in tensors.items() if k.startswith("noise.")}
     return GanLatent(ws=tensors["ws"], space=meta["space"], model_id=meta.get("model_id", ""),
                      family=meta.get("family", ""), noise=noise)

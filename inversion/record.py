@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -188,3 +189,35 @@ def read_record(path: str | os.PathLike, file_format: str, kind: str, key: str =
 def _check_shape_metadata(path: str, latent_shape: tuple[int, ...], meta: dict[str, str]) -> None:
     if list(latent_shape) != json.loads(meta["latent_shape"]):
         raise ValueError(f"{path} is damaged: its latent shape metadata does not match its tensors.")
+
+
+# The metadata keys that name a record's format: inversions and null-text use "format", GAN latents and
+# directions "retrace.format".
+FORMAT_KEYS = ("format", "retrace.format")
+_MAX_HEADER = 100 << 20
+
+
+def record_format(path: str | os.PathLike) -> str | None:
+    """The format a ``.safetensors`` file's metadata names (see FORMAT_KEYS), or None for a file without one or
+    one that is not safetensors. Reads the header only, and remembers it while the file is unchanged."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _header_format(os.fspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _header_format(path: str, _mtime_ns: int, _size: int) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= _MAX_HEADER:
+                return None
+            header = json.loads(f.read(length))
+    except (OSError, ValueError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    return next((meta[key] for key in FORMAT_KEYS if isinstance(meta.get(key), str)), None)

@@ -10,6 +10,7 @@ uncalibrated baseline).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -113,11 +114,23 @@ def backbone_of(state: dict[str, torch.Tensor]) -> str:
     return "alexnet" if first.shape[-1] == 11 else "vgg16"
 
 
-def load_lpips(backbone_path: str | Path, lin_path: str | Path | None = None) -> LPIPS:
+# LPIPS' own lin-weight files are named after the trunk they calibrate.
+LIN_FILE_STEMS = {"vgg16": "vgg", "alexnet": "alex"}
+
+
+def is_lin_file(name: str | Path) -> bool:
+    """Whether a file name is one of LPIPS' lin-weight files (``vgg.pth``, ``alex.pth``), not a trunk."""
+    return Path(name).stem in LIN_FILE_STEMS.values()
+
+
+def load_lpips(backbone_path: str | Path, lin_path: str | Path | None = None,
+               lin_candidates: Iterable[str | Path] = ()) -> LPIPS:
     """An LPIPS module from a torchvision VGG16/AlexNet file and, optionally, LPIPS' lin-weight file.
 
     The lin file is LPIPS' own ``{vgg,alex}.pth`` (keys ``lin{k}.model.1.weight``); a file that holds both the
-    trunk and ``lin{k}`` keys also works as the only argument.
+    trunk and ``lin{k}`` keys also works as the only argument. Without either, the first of ``lin_candidates``
+    named for this trunk (``vgg.*`` for VGG16, ``alex.*`` for AlexNet) is used, so the lin file can simply lie
+    beside the trunk.
     """
     backbone_path = Path(backbone_path)
     state = _read_state(backbone_path)
@@ -128,7 +141,11 @@ def load_lpips(backbone_path: str | Path, lin_path: str | Path | None = None) ->
     except RuntimeError as err:
         raise ValueError(f"{backbone_path.name} does not match torchvision's {model.backbone} layout: {err}") from None
     lins = {k: v for k, v in state.items() if k.startswith("lin")}
+    if lin_path is None and not lins:
+        stem = LIN_FILE_STEMS[model.backbone]
+        lin_path = next((Path(p) for p in lin_candidates if Path(p).stem == stem), None)
     if lin_path is not None:
+        log.info("LPIPS %s with the lin weights of %s", model.backbone, Path(lin_path).name)
         lins = _read_state(Path(lin_path))
     if lins:
         for k, lin in enumerate(model.lins):

@@ -22,7 +22,7 @@ from PIL import Image
 from ..inversion.gan_latent import GanLatent
 from ..inversion.gan_projection import luminance
 from ..models.loader import GeneratorFile, read_generator_file, weights_sha256
-from ..models.perceptual import load_lpips
+from ..models.perceptual import is_lin_file, load_lpips
 from ._api import io
 
 log = logging.getLogger("retrace")
@@ -221,7 +221,8 @@ def progress(total: int, label: str) -> Callable[[dict[str, Any]], None]:
 
 
 def perceptual_options() -> list[str]:
-    return [NONE, *folder_paths.get_filename_list(PERCEPTUAL_FOLDER)]
+    """The trunk files; LPIPS' lin-weight files beside them (vgg.pth, alex.pth) are used with them, not listed."""
+    return [NONE, *(name for name in folder_paths.get_filename_list(PERCEPTUAL_FOLDER) if not is_lin_file(name))]
 
 
 def perceptual_exists(name: str) -> bool | str:
@@ -234,5 +235,7 @@ def lpips_network(name: str, device: torch.device) -> torch.nn.Module | None:
     if name == NONE:
         return None
     path = folder_paths.get_full_path_or_raise(PERCEPTUAL_FOLDER, name)
+    lin_files = [folder_paths.get_full_path(PERCEPTUAL_FOLDER, other)
+                 for other in folder_paths.get_filename_list(PERCEPTUAL_FOLDER) if is_lin_file(other)]
     with torch.inference_mode(False):
-        return load_lpips(path).to(device)
+        return load_lpips(path, lin_candidates=[p for p in lin_files if p]).to(device)

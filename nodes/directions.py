@@ -14,6 +14,7 @@ import folder_paths
 import torch
 
 from ..editing.directions import (
+    DIRECTION_FORMAT,
     Direction,
     apply_direction,
     apply_prompt_direction,
@@ -33,7 +34,8 @@ from ..inversion.gan_latent import GanLatent
 from ..inversion.gan_projection import sample_ws
 from ._api import io, ui
 from ._stylegan import GanLatentType, StyleGAN, StyleGANType, base_id, check_latent_fits, tensor_to_image
-from .inversion_io import FOLDER as RECORD_FOLDER, file_exists, register_folder, save_record, save_schema
+from .inversion_io import (FOLDER as RECORD_FOLDER, file_exists, record_file_input, register_folder, save_record,
+                           save_schema)
 
 log = logging.getLogger("retrace")
 
@@ -600,8 +602,7 @@ class RetraceLoadDirection(io.ComfyNode):
             description="Load a direction saved by Retrace Save Direction. With a generator connected, a StyleGAN "
                         "direction is checked against it before anything runs.",
             inputs=[
-                io.Combo.Input("direction_file", options=folder_paths.get_filename_list(RECORD_FOLDER),
-                               tooltip="From output/retrace/ or models/retrace_inversions/."),
+                record_file_input("direction_file", DIRECTION_FORMAT, "direction"),
                 StyleGANType.Input("stylegan", optional=True,
                                    tooltip="If given, the direction must belong to this generator."),
             ],

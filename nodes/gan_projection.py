@@ -31,7 +31,8 @@ SPACES = {"W+": "w+", "W": "w"}
 RECIPES = {"retrace (fast)": "retrace", "nvlabs (published, 1000 steps)": "nvlabs"}
 
 LPIPS_TOOLTIP = ("LPIPS perceptual loss from a torchvision VGG16 (vgg16-397923af.pth) or AlexNet "
-                 "(alexnet-owt-7be5be79.pth) file in models/retrace_perceptual/. none = pixel MSE and SSIM only.")
+                 "(alexnet-owt-7be5be79.pth) file in models/retrace_perceptual/; LPIPS' lin weights (vgg.pth, "
+                 "alex.pth) in the same folder are used with the matching trunk. none = pixel MSE and SSIM only.")
 MISMATCH_TOOLTIP = ("An image whose size or channels do not fit the generator: resize (centre crop to a square, then "
                     "resize) or refuse with an error.")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import folder_paths
 
-from ..inversion.record import Inversion, NullText
+from ..inversion.record import FORMAT, NULL_TEXT_FORMAT, Inversion, NullText, record_format
 from ._api import io, ui
 from ._host import Inversion as InversionType, check_fits, check_latent
 from .null_text import NullTextType
@@ -51,15 +51,28 @@ def load_record(kind: type, file: str, model, latent: dict | None, what: str) ->
     return io.NodeOutput(record)
 
 
+def record_files(file_format: str) -> list[str]:
+    """The records of one kind in output/retrace/ and models/retrace_inversions/ (told apart by their headers), so
+    each load node lists only the files it can load."""
+    register_folder()
+    return [name for name in folder_paths.get_filename_list(FOLDER)
+            if record_format(folder_paths.get_full_path(FOLDER, name) or "") == file_format]
+
+
+def record_file_input(name: str, file_format: str, what: str) -> io.Combo.Input:
+    return io.Combo.Input(name, options=record_files(file_format),
+                          tooltip=f"A saved {what} from output/retrace/ or models/retrace_inversions/ (only {what} "
+                                  "files are listed).")
+
+
 def file_exists(file: str) -> bool | str:
     return True if folder_paths.get_full_path(FOLDER, file) is not None else f"file not found: {file}"
 
 
-def file_inputs(name: str, what: str) -> list:
+def file_inputs(name: str, file_format: str, what: str) -> list:
     """The load nodes' inputs: the file, the model it must fit and, optionally, a latent."""
     return [
-        io.Combo.Input(name, options=folder_paths.get_filename_list(FOLDER),
-                       tooltip="From output/retrace/ or models/retrace_inversions/."),
+        record_file_input(name, file_format, what),
         io.Model.Input("model", tooltip=f"The model the {what} will be used with."),
         io.Latent.Input("latent", optional=True, tooltip=f"If given, its shape must match the {what}'s."),
     ]
@@ -74,11 +87,10 @@ def save_schema(record: io.Input, prefix: str, *, node_id: str, display_name: st
         outputs=[], is_output_node=True)
 
 
-def load_schema(file_input: str, what: str, output: io.Output, *, node_id: str, display_name: str, category: str,
-                description: str) -> io.Schema:
-    register_folder()
+def load_schema(file_input: str, file_format: str, what: str, output: io.Output, *, node_id: str,
+                display_name: str, category: str, description: str) -> io.Schema:
     return io.Schema(node_id=node_id, display_name=display_name, category=category, description=description,
-                     inputs=file_inputs(file_input, what), outputs=[output])
+                     inputs=file_inputs(file_input, file_format, what), outputs=[output])
 
 
 class RetraceSaveInversion(io.ComfyNode):
@@ -100,7 +112,7 @@ class RetraceLoadInversion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         output = InversionType.Output(tooltip="The saved inversion, checked against the model; connect to Sample "
                                               "Inversion, the guiders or Null-Text Inversion.")
-        return load_schema("inversion_file", "inversion", output, node_id="RetraceLoadInversion",
+        return load_schema("inversion_file", FORMAT, "inversion", output, node_id="RetraceLoadInversion",
                            display_name="Retrace Load Inversion", category="Retrace/inversion",
                            description="Load a saved inversion and check that it fits the model (and latent, if "
                                        "given); a mismatch is named before anything runs.")
@@ -133,7 +145,7 @@ class RetraceLoadNullText(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         output = NullTextType.Output(tooltip="The saved per-step embeddings, checked against the model; connect "
                                              "to Retrace Null-Text Guider.")
-        return load_schema("null_text_file", "null-text", output, node_id="RetraceLoadNullText",
+        return load_schema("null_text_file", NULL_TEXT_FORMAT, "null-text", output, node_id="RetraceLoadNullText",
                            display_name="Retrace Load Null-Text", category="Retrace/inversion/guidance",
                            description="Load saved null-text embeddings and check that they fit the model (and "
                                        "latent, if given).")

@@ -8,7 +8,7 @@ import folder_paths
 import numpy as np
 import torch
 
-from ..inversion.gan_latent import GanLatent, load_gan_latent
+from ..inversion.gan_latent import LATENT_FORMAT, GanLatent, load_gan_latent
 from ..models.layers import truncate
 from ..models.loader import convert_to_safetensors
 from ._api import io, ui
@@ -25,7 +25,8 @@ from ._stylegan import (
     register_folders,
     tensor_to_image,
 )
-from .inversion_io import FOLDER as RECORD_FOLDER, file_exists, register_folder, save_record, save_schema
+from .inversion_io import (FOLDER as RECORD_FOLDER, file_exists, record_file_input, register_folder, save_record,
+                           save_schema)
 
 CATEGORY = "Retrace/stylegan"
 NOISE_MODES = ("const", "random", "none")
@@ -214,8 +215,7 @@ class RetraceGANLatentLoad(io.ComfyNode):
             display_name="Retrace Load GAN Latent",
             category=CATEGORY,
             description="Load a saved GAN latent and check that it fits the generator.",
-            inputs=[io.Combo.Input("latent_file", options=folder_paths.get_filename_list(RECORD_FOLDER),
-                                   tooltip="From output/retrace/ or models/retrace_inversions/."),
+            inputs=[record_file_input("latent_file", LATENT_FORMAT, "GAN latent"),
                     StyleGANType.Input("stylegan", tooltip="The generator the latent will be rendered with.")],
             outputs=[GanLatentType.Output(display_name="latent",
                                           tooltip="The saved W/W+ latent with its noise maps; connect to Generate, "

@@ -82,3 +82,21 @@ def test_projection_uses_lpips_when_given(tmp_path) -> None:
     model.forward = counted
     project(G, target, ProjectionSettings(steps=4, w_avg_samples=256, loss_resolution=16), lpips=model)
     assert len(calls) >= 4 and calls[0][-1] == 16
+
+
+def test_a_lin_file_beside_the_trunk_is_picked_for_its_backbone_only(tmp_path) -> None:
+    """LPIPS' own ``alex.pth`` / ``vgg.pth`` among the candidates calibrates the matching trunk and nothing else."""
+    from retrace.models.perceptual import is_lin_file
+
+    alex, _ = torchvision_file(tmp_path, "alexnet")
+    lin_path = tmp_path / "alex.pth"
+    torch.save({f"lin{k}.model.1.weight": torch.full((1, c, 1, 1), 3.0)
+                for k, c in enumerate([64, 192, 384, 256, 256])}, lin_path)
+    vgg_lin = tmp_path / "vgg.pth"
+    torch.save({"lin0.model.1.weight": torch.ones(1, 1, 1, 1)}, vgg_lin)  # would be refused if it were used
+    a, b = torch.zeros(1, 3, 64, 64), torch.ones(1, 3, 64, 64) * 0.5
+    plain = load_lpips(alex)(a, b)
+    torch.testing.assert_close(load_lpips(alex, lin_candidates=[vgg_lin, lin_path])(a, b), 3 * plain)
+    torch.testing.assert_close(load_lpips(alex, lin_candidates=[vgg_lin])(a, b), plain)
+    assert [is_lin_file(n) for n in ("alex.pth", "vgg.safetensors", "alexnet-owt-7be5be79.pth", "vgg16.pth")] == \
+        [True, True, False, False]

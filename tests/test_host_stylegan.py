@@ -220,3 +220,20 @@ def test_half_precision_generators_render_close_to_float32(folder: Path, name: s
     assert quality > 30.0, quality
     latent, _ = run_project(half, full[:1], steps=10)  # and it projects
     assert latent.ws.dtype == torch.float32
+
+
+def test_lpips_lin_weights_beside_the_trunk_are_used_and_not_listed(tmp_path: Path) -> None:
+    from test_core_perceptual import torchvision_file
+
+    torchvision_file(tmp_path, "alexnet")  # alexnet.pth
+    torch.save({f"lin{k}.model.1.weight": torch.full((1, c, 1, 1), 2.0)
+                for k, c in enumerate([64, 192, 384, 256, 256])}, tmp_path / "alex.pth")
+    _stylegan.register_folders()
+    folder_paths.add_model_folder_path(_stylegan.PERCEPTUAL_FOLDER, str(tmp_path), is_default=True)
+    try:
+        options = _stylegan.perceptual_options()
+        assert "alexnet.pth" in options and "alex.pth" not in options
+        lpips = _stylegan.lpips_network("alexnet.pth", torch.device("cpu"))
+        assert all(bool((lin == 2.0).all()) for lin in lpips.lins)
+    finally:
+        folder_paths.folder_names_and_paths[_stylegan.PERCEPTUAL_FOLDER][0].remove(str(tmp_path))
