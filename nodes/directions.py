@@ -97,7 +97,7 @@ def check_text_direction(direction: Direction, target: str) -> None:
 def check_single(latent: GanLatent, what: str) -> None:
     if latent.batch_size != 1:
         raise ValueError(f"the {what} holds a batch of {latent.batch_size} latents; this node takes one. Pick one "
-                         "first (e.g. project a single image).")
+                         "first with Retrace Pick GAN Latent.")
 
 
 def row_range(spec: str, direction: Direction | None, num_ws: int) -> tuple[int, int]:

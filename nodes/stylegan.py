@@ -8,7 +8,7 @@ import folder_paths
 import numpy as np
 import torch
 
-from ..inversion.gan_latent import LATENT_FORMAT, GanLatent, load_gan_latent
+from ..inversion.gan_latent import LATENT_FORMAT, GanLatent, concat_latents, load_gan_latent
 from ..models.layers import truncate
 from ..models.loader import convert_to_safetensors
 from ._api import io, ui
@@ -233,5 +233,62 @@ class RetraceGANLatentLoad(io.ComfyNode):
         return io.NodeOutput(latent)
 
 
+class RetraceGANLatentPick(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceGANLatentPick",
+            display_name="Retrace Pick GAN Latent",
+            category=CATEGORY,
+            description="Take some latents out of a batch (from Generate, a batch projection or Load GAN Latent): "
+                        "count latents from index on, noise maps included. The batch itself is left as it was.",
+            inputs=[GanLatentType.Input("latent", tooltip="A batch of latents."),
+                    io.Int.Input("index", default=0, min=0, max=4095,
+                                 tooltip="The first latent to take, counting from 0 (the first image of the batch)."),
+                    io.Int.Input("count", default=1, min=1, max=4096,
+                                 tooltip="How many consecutive latents to take; 1 for the nodes that take one latent.")],
+            outputs=[GanLatentType.Output(display_name="latent",
+                                          tooltip="The chosen latents as a batch of count; connect to Direction Sweep, "
+                                                  "Interpolate Latents, Apply Direction or Generate.")],
+        )
+
+    @classmethod
+    def execute(cls, latent: GanLatent, index: int, count: int) -> io.NodeOutput:
+        if index + count > latent.batch_size:
+            raise ValueError(f"cannot take latents {index} to {index + count - 1}: the batch holds "
+                             f"{latent.batch_size} (0 to {latent.batch_size - 1}). Lower index or count.")
+        return io.NodeOutput(latent.rows(slice(index, index + count)))
+
+
+class RetraceGANLatentBatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceGANLatentBatch",
+            display_name="Retrace Batch GAN Latents",
+            category=CATEGORY,
+            description="Join two latents (or batches) of the same generator into one batch, latent_a first: e.g. "
+                        "several projected photos as the positive examples of Learn Boundary.",
+            inputs=[GanLatentType.Input("latent_a", tooltip="The first latents of the batch."),
+                    GanLatentType.Input("latent_b", tooltip="Appended after latent_a; same generator and space (W or "
+                                                            "W+).")],
+            outputs=[GanLatentType.Output(display_name="latent",
+                                          tooltip="latent_a's batch followed by latent_b's; connect to Learn Boundary, "
+                                                  "Generate or Save GAN Latent. Noise maps are kept when both have "
+                                                  "them.")],
+        )
+
+    @classmethod
+    def execute(cls, latent_a: GanLatent, latent_b: GanLatent) -> io.NodeOutput:
+        if latent_a.model_id != latent_b.model_id:
+            raise ValueError(f"latent_a and latent_b come from different generators ({latent_a.model_id} vs "
+                             f"{latent_b.model_id}); a batch holds latents of one generator.")
+        if latent_a.space != latent_b.space:
+            raise ValueError(f"latent_a is in {latent_a.space.upper()} and latent_b in {latent_b.space.upper()}; "
+                             "batch latents of one space (project both in W, or both in W+).")
+        return io.NodeOutput(concat_latents([latent_a, latent_b]))
+
+
 NODES: list[type[io.ComfyNode]] = [RetraceStyleGANLoader, RetraceStyleGANConvert, RetraceStyleGANGenerate,
-                                   RetraceGANLatentSave, RetraceGANLatentLoad]
+                                   RetraceGANLatentSave, RetraceGANLatentLoad, RetraceGANLatentPick,
+                                   RetraceGANLatentBatch]

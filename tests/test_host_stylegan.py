@@ -26,7 +26,9 @@ from retrace.models.loader import UnsafeFileError  # noqa: E402
 from retrace.nodes import _stylegan, inversion_io  # noqa: E402
 from retrace.nodes.gan_projection import RetraceStyleGANPivotalTuning, RetraceStyleGANProject  # noqa: E402
 from retrace.nodes.stylegan import (  # noqa: E402
+    RetraceGANLatentBatch,
     RetraceGANLatentLoad,
+    RetraceGANLatentPick,
     RetraceGANLatentSave,
     RetraceStyleGANConvert,
     RetraceStyleGANGenerate,
@@ -237,3 +239,29 @@ def test_lpips_lin_weights_beside_the_trunk_are_used_and_not_listed(tmp_path: Pa
         assert all(bool((lin == 2.0).all()) for lin in lpips.lins)
     finally:
         folder_paths.folder_names_and_paths[_stylegan.PERCEPTUAL_FOLDER][0].remove(str(tmp_path))
+
+
+def test_pick_and_batch_latents_round_trip_and_refuse_what_does_not_fit(folder: Path) -> None:
+    gan = load("sg2_nvlabs.pkl")
+    images, batch = generate(gan, seed=5, batch_size=4)
+    with torch.inference_mode():
+        third = RetraceGANLatentPick.execute(batch, 2, 1).result[0]
+        first_two = RetraceGANLatentPick.execute(batch, 0, 2).result[0]
+        last_two = RetraceGANLatentPick.execute(batch, 2, 2).result[0]
+        joined = RetraceGANLatentBatch.execute(first_two, last_two).result[0]
+    assert third.batch_size == 1 and torch.equal(third.ws, batch.ws[2:3])
+    assert torch.equal(joined.ws, batch.ws) and joined.model_id == batch.model_id
+    alone, _ = generate(gan, seed=7, batch_size=1)  # seed 5 + 2: the picked latent renders the same image
+    rendered, _ = generate(gan, latent=third)
+    torch.testing.assert_close(rendered, images[2:3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rendered, alone, atol=1e-5, rtol=0)
+    assert batch.ws.shape[0] == 4  # the input batch is untouched
+    with pytest.raises(ValueError, match=r"cannot take latents 3 to 4: the batch holds 4 \(0 to 3\)"):
+        RetraceGANLatentPick.execute(batch, 3, 2)
+    other = GanLatent(ws=third.ws.clone(), space=third.space, model_id="0" * 16, family=third.family, noise={})
+    with pytest.raises(ValueError, match="different generators"):
+        RetraceGANLatentBatch.execute(third, other)
+    w_plus = GanLatent(ws=third.ws.clone(), space="w+" if third.space == "w" else "w", model_id=third.model_id,
+                       family=third.family, noise={})
+    with pytest.raises(ValueError, match="batch latents of one space"):
+        RetraceGANLatentBatch.execute(third, w_plus)
