@@ -343,6 +343,26 @@ DIRECTION_GRAPHS: dict[str, list[Node]] = {
         Node(12, "RetraceSampleInversionGuided", (1890, 160), {}, {"inversion": (7, 1), "guider": (11, 0)}),
         *_decode_and_save((12, 0), 13, "retrace_sd15_prompt_direction_edit", 2250),
     ],
+    "stylegan_learn_boundary.json": [
+        Node(1, "RetraceStyleGANLoader", (40, 160), {"generator": STYLEGAN_FILE, "dtype": "auto"}),
+        _render(2, (420, 160), (1, 0), None, "Candidates: seeds 0-7", batch=8),
+        Node(3, "SaveImage", (800, 560), {"filename_prefix": "retrace_boundary_candidates"}, {"images": (2, 0)},
+             "Look at the candidates; pick by index below"),
+        Node(4, "RetraceGANLatentPick", (800, 40), {"index": 0, "count": 2}, {"latent": (2, 1)}, "With it: seeds 0-1"),
+        Node(5, "RetraceGANLatentPick", (800, 200), {"index": 3, "count": 1}, {"latent": (2, 1)}, "With it: seed 3"),
+        Node(6, "RetraceGANLatentBatch", (1180, 40), {}, {"latent_a": (4, 0), "latent_b": (5, 0)}, "Positive examples"),
+        Node(7, "RetraceGANLatentPick", (800, 360), {"index": 4, "count": 4}, {"latent": (2, 1)},
+             "Without it: seeds 4-7"),
+        Node(8, "RetraceLearnBoundary", (1560, 160), {"method": "svm"},
+             {"stylegan": (1, 0), "positive": (6, 0), "negative": (7, 0)}),
+        Node(9, "RetraceGANLatentPick", (1180, 360), {"index": 2, "count": 1}, {"latent": (2, 1)},
+             "The sample to edit: seed 2"),
+        Node(10, "RetraceDirectionSweep", (1940, 160),
+             {"index": 0, "strength_min": -3.0, "strength_max": 3.0, "count": 7, "layers": "auto"},
+             {"stylegan": (1, 0), "latent": (9, 0), "direction": (8, 0)}),
+        Node(11, "SaveImage", (2320, 160), {"filename_prefix": "retrace_boundary_sweep"}, {"images": (10, 0)}),
+        Node(12, "RetraceSaveDirection", (1940, 620), {"filename_prefix": "learned_boundary"}, {"direction": (8, 0)}),
+    ],
 }
 GRAPHS.update(DIRECTION_GRAPHS)
 

@@ -36,6 +36,7 @@ WORKFLOW_KINDS: dict[str, str | None] = {
     "stylegan_sefa_explorer.json": "stylegan",
     "stylegan_project_boundary_edit.json": "stylegan",
     "sd15_prompt_direction_edit.json": None,
+    "stylegan_learn_boundary.json": "stylegan",
 }
 
 # The node whose LATENT is a workflow's result: of these, the one downstream of all others (an attention edit

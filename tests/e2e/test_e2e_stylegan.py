@@ -85,6 +85,13 @@ def test_stylegan_workflow_runs(path, server, client, object_info: dict, input_i
         target = resized_input(server, image)
         outside = psnr(images[0][known], target[known])
         assert outside > 12.0, outside
+    elif path.name == "stylegan_learn_boundary.json":
+        candidates, strip = outputs["3"], outputs["11"]  # the workflow's two SaveImage nodes
+        assert len(candidates) == 8 and len(strip) == 7
+        # Strength 0, the middle of the strip, is the picked seed 2 itself; the ends moved along the boundary.
+        assert np.abs(strip[3] - candidates[2]).max() <= 1.5 / 255
+        assert np.abs(strip[0] - strip[6]).max() > 0.02
+        assert list((server.output_dir / "retrace").glob("learned_boundary*.safetensors")), "direction not saved"
     elif path.name == "stylegan_project_boundary_edit.json":
         projected = viewed_images(client, entry, projection)[0]
         assert np.abs(images[0] - projected).mean() > 0.01, "strength 3 along the boundary changed nothing"
