@@ -9,6 +9,7 @@ import comfy.samplers
 import torch
 
 from ..inversion.schedules import step_index
+from ._host import InversionCFGGuider
 
 
 def with_crossattn(conds: list[dict], embedding: torch.Tensor) -> list[dict]:
@@ -17,7 +18,7 @@ def with_crossattn(conds: list[dict], embedding: torch.Tensor) -> list[dict]:
             for c in conds]
 
 
-class ScheduledGuider(comfy.samplers.CFGGuider):
+class ScheduledGuider(InversionCFGGuider):
     """A CFGGuider bound to one inversion schedule and latent shape, checked before sampling starts."""
 
     what = "this guider"

@@ -83,9 +83,25 @@ def check_steps_and_guidance(steps: int, guidance: float) -> None:
         raise ValueError(f"guidance must be >= 0 (1 means no classifier-free guidance); got {guidance}.")
 
 
+class InversionCFGGuider(comfy.samplers.CFGGuider):
+    """A CFGGuider that samples an inverted latent back on flow models too.
+
+    With no noise (DisableNoise) the host starts a flow model at ``sigma * noise + (1 - sigma) * latent``, which
+    is 0 at sigma 1: the inverted latent would never reach the sampler. Given the latent as the noise as well, the
+    start is the latent itself at any sigma. Eps and v models start from the latent already and are left alone.
+    """
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None):
+        if model_family(self.model_patcher) == "flow" and not torch.any(noise) and torch.any(latent_image):
+            # The host brings latent_image into model space (process_latent_in) but not the noise.
+            noise = self.model_patcher.model.process_latent_in(latent_image.float()).to(noise)
+        return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+
+
 def make_guider(model: Any, positive: list, negative: list | None, guidance: float) -> comfy.samplers.CFGGuider:
-    """A host CFGGuider; without a negative only guidance 1 makes sense."""
-    guider = comfy.samplers.CFGGuider(model)
+    """A CFGGuider (flow-safe for sampling an inversion back); without a negative only guidance 1 makes sense."""
+    guider = InversionCFGGuider(model)
     if negative is None:
         if guidance != 1.0:
             raise ValueError(f"guidance {guidance} needs a negative conditioning; connect one or set guidance to 1.")
