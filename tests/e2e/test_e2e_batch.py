@@ -239,3 +239,47 @@ def test_batch_survives_a_killed_host_and_resumes(tmp_path: Path, tiny_stylegan:
         "host_pids": sorted(host_pids), "replacement_hosts": replacements, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }, indent=1) + "\n", encoding="utf-8")
     assert total_s < 180, f"the batch test took {total_s:.0f} s"
+
+
+def test_batch_runs_on_an_existing_cluster_named_by_ray_address(tmp_path: Path, tiny_stylegan: Path) -> None:
+    """RAY_ADDRESS set: the runner joins that cluster (a head started with `ray start` on 127.0.0.1) instead of
+    starting a Ray instance of its own, and its workers run the images."""
+    from scripts.comfy_server import free_port
+
+    gan = tmp_path / "gan"
+    gan.mkdir()
+    shutil.copyfile(tiny_stylegan, gan / tiny_stylegan.name)
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(2):
+        make_test_image(40, seed=10 + i).save(src / f"shot_{i}.png")
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    head = subprocess.run([*ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                           "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
+    try:
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "batch", str(WORKFLOW), str(src), str(out), "--work-dir", str(tmp_path / "work"),
+               "--model-dir", f"stylegan={gan}", "--set", f"1.generator={tiny_stylegan.name}", "--set", "3.steps=20",
+               "--no-progress"]
+        log = tmp_path / "cluster.log"
+        gcs_seen: set[int] = set()
+
+        def watch() -> None:  # a Ray instance of the runner's own would bring a second GCS server
+            gcs_seen.update(p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "gcs_server")
+
+        code, _, _ = _run(cmd, log, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, watch)
+        text = log.read_text(encoding="utf-8", errors="replace")
+        assert code == 0, text[-4000:]
+        assert f"connecting to the Ray cluster at 127.0.0.1:{port}" in text, text[-3000:]
+        assert "2 done, 0 skipped (already done), 0 failed." in text, text[-3000:]
+        assert len(gcs_seen) == 1, gcs_seen
+        for i in range(2):
+            manifest = json.loads((out / f"shot_{i}" / MANIFEST).read_text(encoding="utf-8"))
+            assert [o["file"] for o in manifest["outputs"]] == ["5_0.png"] and manifest["worker"]["host_pid"]
+    finally:
+        subprocess.run([*ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
