@@ -217,12 +217,23 @@ class ComfyUI:
         self.page.wait_for_function("() => document.querySelectorAll('.p-toast-message').length === 0",
                                     timeout=10000)
 
-    def load_workflow(self, path: Path, settle: float = 2.0) -> LoadReport:
-        """Open a workflow file as a person does (the UI's file input), fit it to the view, report what showed."""
+    def load_workflow(self, path: Path, settle: float = 1.0, timeout: float = 60.0,
+                      wait_for: str | None = None) -> LoadReport:
+        """Open a workflow file as a person does (the UI's file input), wait until its nodes are on the canvas (and,
+        with ``wait_for``, until an element matching that selector shows), fit it to the view, report what showed."""
         self.dismiss_messages()
         errors_before = len(self.page_errors)
+        node_ids = sorted(int(n["id"]) for n in json.loads(Path(path).read_text(encoding="utf-8")).get("nodes", []))
+        # Mark the current nodes, so a reload of the same file is told apart from the graph already shown.
+        self.page.evaluate("() => app.graph.nodes.forEach(n => { n.__retrace_before_load = true; })")
         self.page.locator("#comfy-file-input").set_input_files(str(path))
-        self.settle(settle)
+        self.page.wait_for_function("""(ids) => { const nodes = app.graph.nodes;
+            return nodes.length === ids.length && nodes.every(n => !n.__retrace_before_load)
+                   && JSON.stringify(nodes.map(n => n.id).sort((a, b) => a - b)) === JSON.stringify(ids); }""",
+                                    arg=node_ids, timeout=timeout * 1000)
+        if wait_for:
+            self.page.wait_for_selector(wait_for, state="visible", timeout=timeout * 1000)
+        self.settle(settle)  # dialogs and alerts come after the graph; give them their moment
         self.page.evaluate("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
         self.settle(0.5)
         return LoadReport(workflow=Path(path), nodes=self.page.evaluate(_NODES_JS),

@@ -22,8 +22,8 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 QUEUED_WORKFLOW = ROOT / "workflows" / "stylegan_generate.json"
 
 
-def _load(ui: ComfyUI, path: Path, screenshots: Path) -> LoadReport:
-    report = ui.load_workflow(path)
+def _load(ui: ComfyUI, path: Path, screenshots: Path, wait_for: str | None = None) -> LoadReport:
+    report = ui.load_workflow(path, wait_for=wait_for)
     ui.screenshot(screenshots / f"{path.stem}.png")
     return report
 
@@ -49,7 +49,7 @@ def _with_node_type(path: Path, node_id: int, new_type: str, tmp_path: Path) -> 
 def test_a_missing_node_is_caught(ui: ComfyUI, screenshots: Path, tmp_path: Path) -> None:
     """The checks above can fail: an unknown node type brings the host's missing-node dialog and a red node."""
     broken = _with_node_type(QUEUED_WORKFLOW, 2, "RetraceNoSuchNode", tmp_path)
-    problems = _load(ui, broken, screenshots).problems()
+    problems = _load(ui, broken, screenshots, wait_for=".p-dialog").problems()
     assert any(p.startswith("dialog:") and "RetraceNoSuchNode" in p for p in problems), problems
     assert any("type not registered" in p for p in problems), problems
 
@@ -60,7 +60,7 @@ def test_an_invalid_workflow_is_caught(ui: ComfyUI, screenshots: Path, tmp_path:
     workflow["version"] = "not a number"
     broken = tmp_path / "invalid_version.json"
     broken.write_text(json.dumps(workflow), encoding="utf-8")
-    problems = _load(ui, broken, screenshots).problems()
+    problems = _load(ui, broken, screenshots, wait_for=".p-toast-message-warn, .p-toast-message-error").problems()
     assert any(p.startswith("alert:") and "version" in p for p in problems), problems
 
 
