@@ -154,7 +154,8 @@ class RetraceStyleGANGenerate(io.ComfyNode):
                              tooltip="Truncate only the first N rows of W+ (coarse layers); 0 = all rows."),
                 io.Combo.Input("noise_mode", options=list(NOISE_MODES), default="const",
                                tooltip="const: the generator's fixed noise (or the latent's optimised maps); random: "
-                                       "fresh noise from the seed; none: no noise. StyleGAN3 has none."),
+                                       "fresh noise from the seed; none: no noise. The maps used go with the output "
+                                       "latent. StyleGAN3 has none."),
                 io.Int.Input("class_index", default=0, min=0, max=100000,
                              tooltip="Class for conditional generators; ignored otherwise."),
                 GanLatentType.Input("latent", optional=True,
@@ -186,9 +187,14 @@ class RetraceStyleGANGenerate(io.ComfyNode):
                 space = latent.space
                 noise = latent_noise(latent, device) if noise_mode == "const" else None
             mode, drawn = noise_for(G, noise_mode, seed, ws.shape[0])
-            image = G.synthesis(ws, noise_mode=mode, noise=drawn if drawn is not None else noise)
+            if drawn is not None:
+                noise = drawn
+            elif noise_mode == "none":
+                noise = {k: torch.zeros(ws.shape[0], 1, *v.shape, device=device) for k, v in G.noise_maps().items()}
+            image = G.synthesis(ws, noise_mode=mode, noise=noise)
+        # The maps this render used go with its latent, so rendering the latent again (const) gives the same image.
         out = GanLatent(ws=ws.float().cpu(), space=space, model_id=stylegan.model_id, family=stylegan.family,
-                        noise={k: v.cpu() for k, v in (noise or {}).items()})
+                        noise={k: v.float().cpu() for k, v in (noise or {}).items()})
         return io.NodeOutput(tensor_to_image(image), out)
 
 

@@ -265,3 +265,15 @@ def test_pick_and_batch_latents_round_trip_and_refuse_what_does_not_fit(folder: 
                        family=third.family, noise={})
     with pytest.raises(ValueError, match="batch latents of one space"):
         RetraceGANLatentBatch.execute(third, w_plus)
+
+
+@pytest.mark.parametrize("mode", ["random", "none"])
+def test_the_output_latent_carries_the_noise_it_was_rendered_with(folder: Path, mode: str) -> None:
+    """Rendering Generate's latent again (const) reproduces the image, whatever noise mode made it."""
+    gan = load("sg2_nvlabs.pkl")
+    images, latent = generate(gan, seed=3, batch_size=2, psi=0.7, noise_mode=mode)
+    const, _ = generate(gan, seed=3, batch_size=2, psi=0.7, noise_mode="const")
+    assert float((images - const).abs().max()) > 1e-3  # the mode mattered
+    again, _ = generate(gan, latent=latent)
+    torch.testing.assert_close(again, images, atol=1e-5, rtol=0)
+    assert set(latent.noise) == set(gan.info.noise_maps()) and all(v.shape[0] == 2 for v in latent.noise.values())
