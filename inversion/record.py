@@ -160,6 +160,22 @@ def _mismatches(record: Any, kind: str, family: str | None, model_name: str | No
     return found
 
 
+def fingerprint(x: torch.Tensor, samples: int = 8) -> list[float]:
+    """A few numbers that tell one latent from another (mean, std, evenly spaced values), small enough for a
+    file's metadata: what a result made from an inversion remembers of the noise it started from."""
+    flat = x.detach().double().flatten().cpu()
+    picks = flat[torch.linspace(0, flat.numel() - 1, samples).long()]
+    return [float(flat.mean()), float(flat.std()), *(float(v) for v in picks)]
+
+
+def same_fingerprint(a: list[float], b: list[float], rtol: float = 1e-3) -> bool:
+    """Whether two fingerprints name the same latent, up to the float error of the host's latent formats."""
+    if len(a) != len(b):
+        return False
+    scale = max(1e-6, max(abs(v) for v in a))
+    return all(abs(x - y) <= rtol * scale for x, y in zip(a, b))
+
+
 def _raise_mismatches(found: list[str], what: str, fix: str) -> None:
     if found:
         raise ValueError(f"{what} does not fit: " + "; ".join(found) + f". {fix}")

@@ -8,6 +8,7 @@ import comfy.conds
 import comfy.samplers
 import torch
 
+from ..inversion.record import fingerprint, same_fingerprint
 from ..inversion.schedules import step_index
 from ._host import InversionCFGGuider
 
@@ -24,11 +25,19 @@ class ScheduledGuider(InversionCFGGuider):
     what = "this guider"
 
     def __init__(self, model: Any, step_sigmas: torch.Tensor, latent_shape: tuple[int, ...],
-                 made_for: str, fix: str):
+                 made_for: str, fix: str, start: list[float] | None = None):
         super().__init__(model)
         self.step_sigmas = step_sigmas.detach().cpu()
         self.latent_shape = tuple(latent_shape)
         self.made_for, self.fix = made_for, fix
+        self.start = start  # the fingerprint of the inverted noise it was made from (None: unknown, not checked)
+
+    def check_start(self, noise: torch.Tensor) -> None:
+        """Refuse to sample from another inversion's noise (model space): the per-step terms would not apply."""
+        if self.start is not None and not same_fingerprint(self.start, fingerprint(noise)):
+            raise ValueError(f"{self.what} was made from another inversion: the noise it is given is not the one it "
+                             "was made from. Connect the noise (LATENT) of the Retrace Invert run it came from, or "
+                             "make it again from this inversion.")
 
     def step_of(self, sigma: torch.Tensor) -> int:
         k = step_index(self.step_sigmas, sigma)
@@ -52,4 +61,6 @@ class ScheduledGuider(InversionCFGGuider):
             raise ValueError(f"{self.what} was made for a latent of shape {list(self.latent_shape)}; this latent is "
                              f"{list(latent_image.shape)}. Use the latent (the noise) of the inversion it was made from.")
         self.check_schedule(sigmas)
+        if torch.any(latent_image):  # SamplerCustomAdvanced: the latent is the noise (Retrace's own path passes zeros)
+            self.check_start(self.model_patcher.model.process_latent_in(latent_image.float()))
         return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)

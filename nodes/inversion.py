@@ -74,6 +74,8 @@ def sample_with_guider(model, inversion: Inversion, guider, sampler: RetraceSamp
         raise ValueError("sampling an inversion back needs a sampling sampler (Retrace Inversion Sampler or "
                          f"RF-Inversion Sampler (edit)); got {type(sampler).__name__} {getattr(sampler, 'method', '')}.")
     sampler.check_family(inversion.family)
+    if hasattr(guider, "check_start"):  # Retrace's per-step guiders: made from this inversion?
+        guider.check_start(inversion.noise)
     shape_source = torch.zeros(inversion.latent_shape)
     record = run_guider(guider, sampler, inversion.noise, shape_source, reconstruction_sigmas(inversion.sigmas), model,
                         retrace_source=inversion.source)

@@ -7,7 +7,7 @@ from typing import Any
 import comfy.samplers
 
 from ..inversion.direct import corrected_denoised, trajectory_denoised
-from ..inversion.record import Inversion
+from ..inversion.record import Inversion, fingerprint
 from ._api import io
 from ._attention_hooks import records_attention, source_branch_options
 from ._guidance import ScheduledGuider
@@ -28,7 +28,7 @@ class DirectInversionGuider(ScheduledGuider):
     def __init__(self, model: Any, inversion: Inversion, positive: list, source: list, negative: list,
                  guidance: float):
         super().__init__(model, inversion.sigmas.flip(0)[:-1], inversion.latent_shape, "the inversion it was given",
-                         SCHEDULE_FIX)
+                         SCHEDULE_FIX, start=fingerprint(inversion.noise))
         self.on_path = inversion.trajectory.flip(0)[:-1]  # the inverted latent each sampling step starts from
         self.targets = trajectory_denoised(inversion.trajectory, inversion.sigmas)
         self.reconstructs = positive is source

@@ -11,7 +11,7 @@ import comfy.utils
 import torch
 
 from ..inversion.null_text import SOLVERS, STARTS, NullTextSettings, NullTextStep, loss_weight, solve_step
-from ..inversion.record import Inversion, NullText
+from ..inversion.record import Inversion, NullText, fingerprint
 from ..inversion.schedules import reconstruction_sigmas
 from ._api import io
 from ._guidance import ScheduledGuider, with_crossattn
@@ -138,7 +138,8 @@ def optimize_null_text(model: Any, inversion: Inversion, positive: list, negativ
              "inner_steps": settings.inner_steps, "lr": settings.lr, "early_stop": settings.early_stop,
              "negative_options": negative_options(negative),
              "loss": [s.loss.tolist() for s in optimizer.steps],
-             "iterations": [s.iterations.tolist() for s in optimizer.steps]}
+             "iterations": [s.iterations.tolist() for s in optimizer.steps],
+             "noise_fingerprint": fingerprint(inversion.noise)}
     null_text = NullText(embeddings=embeddings, sigmas=inversion.sigmas, family=inversion.family,
                          model_name=inversion.model_name, latent_shape=inversion.latent_shape, guidance=float(guidance),
                          pooled=None if pooled is None else pooled.detach().to(device), extra=extra)
@@ -152,7 +153,7 @@ class NullTextGuider(ScheduledGuider):
 
     def __init__(self, model: Any, null_text: NullText, positive: list):
         super().__init__(model, null_text.step_sigmas, null_text.latent_shape, "the inversion it was optimised on",
-                         SCHEDULE_FIX)
+                         SCHEDULE_FIX, start=null_text.extra.get("noise_fingerprint"))
         self.null_text = null_text
         options = dict(null_text.extra.get("negative_options", {}))
         if null_text.pooled is not None:

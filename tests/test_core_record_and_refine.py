@@ -94,3 +94,15 @@ def test_refinement_lowers_decoder_error() -> None:
     assert torch.equal(z0, z_enc) and len(losses0) == 1
     with pytest.raises(ValueError, match=">= 0"):
         refine_latent(decode, z_enc, image, steps=-1)
+
+
+def test_fingerprints_tell_latents_apart_but_survive_the_hosts_latent_format() -> None:
+    from retrace.inversion.record import fingerprint, same_fingerprint
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+    round_trip = (a.float() / 0.18215).float() * 0.18215  # process_latent_out, then process_latent_in
+    assert same_fingerprint(fingerprint(a), fingerprint(round_trip))
+    assert not same_fingerprint(fingerprint(a), fingerprint(b))
+    assert not same_fingerprint(fingerprint(a), fingerprint(a * 1.01))
+    assert len(fingerprint(a)) == 10 and not same_fingerprint(fingerprint(a), fingerprint(a)[:5])

@@ -283,3 +283,33 @@ def test_guiders_start_flow_models_from_the_inverted_latent_in_sampler_custom_ad
         # 1e-3: the host's flow schedule starts at sigma 1, the inversion's just below it (before the fix: 0.7-1.2)
         assert rel < 1e-3, (type(guider).__name__, rel)
     assert case.error(case.guided(direct)) < 1e-4
+
+
+def test_guiders_refuse_the_noise_of_another_inversion(cases: dict) -> None:
+    """Null-text and direct inversion are per-step corrections of one trajectory: started from another inversion's
+    noise (same model, schedule and shape) they would silently give a wrong image, so they refuse it."""
+    import dataclasses
+
+    case = cases["sd15"]
+    other = Case("sd15", latent=tiny_models.latent("sd15", seed=7))
+    null_text, _ = case.null_text(settings=NullTextSettings(inner_steps=2))
+    nt_guider = node_null_text.RetraceNullTextGuider.execute(case.model, null_text, case.source).args[0]
+    direct = guiders.RetraceDirectInversionGuider.execute(case.model, case.inversion, case.source, case.source,
+                                                          case.negative, GUIDANCE).args[0]
+    sigmas = custom.BasicScheduler.execute(case.model, "normal", STEPS, 1.0).args[0]
+    sampler = node_samplers.RetraceInversionSampler.execute("euler").args[0]
+    for guider in (nt_guider, direct):
+        with pytest.raises(ValueError, match="was made from another inversion"):
+            node_inversion.sample_with_guider(case.model, other.inversion, guider)
+        with pytest.raises(ValueError, match="was made from another inversion"), torch.inference_mode():
+            custom.SamplerCustomAdvanced.execute(custom.DisableNoise.execute().args[0], guider, sampler, sigmas,
+                                                 other.noise)
+    # Its own noise passes, through the host's LATENT format and back.
+    with torch.inference_mode():
+        custom.SamplerCustomAdvanced.execute(custom.DisableNoise.execute().args[0], nt_guider, sampler, sigmas,
+                                             case.noise)
+    # A null-text saved before it remembered its noise is not checked.
+    unmarked = dataclasses.replace(null_text, extra={k: v for k, v in null_text.extra.items()
+                                                     if k != "noise_fingerprint"})
+    old_guider = node_null_text.RetraceNullTextGuider.execute(case.model, unmarked, case.source).args[0]
+    assert torch.isfinite(node_inversion.sample_with_guider(case.model, other.inversion, old_guider)["samples"]).all()
