@@ -16,6 +16,7 @@ refuses to replace anything, so a result is written once or not at all and nothi
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import errno
 import hashlib
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.workflow_api import MODE_BYPASS, MODE_NEVER, VIRTUAL_NODES, ApiPrompt
+from scripts.workflow_api import MODE_BYPASS, MODE_NEVER, VIRTUAL_NODES, ApiPrompt, set_inputs
 
 log = logging.getLogger("retrace.batch")
 
@@ -338,8 +339,8 @@ def check_choices(prompt: ApiPrompt, object_info: dict[str, Any], image_node: st
 
 def fill_image(prompt: ApiPrompt, image_node: str, name: str) -> ApiPrompt:
     """A copy of the prompt whose image loader reads ``name`` from the host's input folder."""
-    prompt = json.loads(json.dumps(prompt))
-    prompt[image_node]["inputs"]["image"] = name
+    prompt = copy.deepcopy(prompt)
+    set_inputs(prompt, image_node, image=name)  # LoadImage or LoadImageMask
     return prompt
 
 

@@ -210,9 +210,6 @@ def _check_shape_metadata(path: str, latent_shape: tuple[int, ...], meta: dict[s
 # The metadata keys that name a record's format: inversions and null-text use "format", GAN latents and
 # directions "retrace.format".
 FORMAT_KEYS = ("format", "retrace.format")
-_MAX_HEADER = 100 << 20
-
-
 def record_format(path: str | os.PathLike) -> str | None:
     """The format a ``.safetensors`` file's metadata names (see FORMAT_KEYS), or None for a file without one or
     one that is not safetensors. Reads the header only, and remembers it while the file is unchanged."""
@@ -226,14 +223,8 @@ def record_format(path: str | os.PathLike) -> str | None:
 @functools.lru_cache(maxsize=4096)
 def _header_format(path: str, _mtime_ns: int, _size: int) -> str | None:
     try:
-        with open(path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if not 0 < length <= _MAX_HEADER:
-                return None
-            header = json.loads(f.read(length))
-    except (OSError, ValueError):
-        return None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict):
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - not a safetensors file (safetensors raises its own error type), or unreadable
         return None
     return next((meta[key] for key in FORMAT_KEYS if isinstance(meta.get(key), str)), None)

@@ -594,7 +594,6 @@ class RetraceSaveDirection(io.ComfyNode):
 class RetraceLoadDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        register_folder()
         return io.Schema(
             node_id="RetraceLoadDirection",
             display_name="Retrace Load Direction",

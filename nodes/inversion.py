@@ -10,6 +10,7 @@ import torch
 from ..inversion.record import Inversion
 from ..inversion.schedules import SIGMA_FLOOR, inversion_sigmas, reconstruction_sigmas
 from ._api import io
+from ._guidance import ScheduledGuider
 from ._host import (Inversion as InversionType, check_fits, check_latent, check_steps_and_guidance, make_guider,
                     model_family, model_name)
 from .samplers import SOLVERS, RetraceSampler, ode_sampler
@@ -74,7 +75,7 @@ def sample_with_guider(model, inversion: Inversion, guider, sampler: RetraceSamp
         raise ValueError("sampling an inversion back needs a sampling sampler (Retrace Inversion Sampler or "
                          f"RF-Inversion Sampler (edit)); got {type(sampler).__name__} {getattr(sampler, 'method', '')}.")
     sampler.check_family(inversion.family)
-    if hasattr(guider, "check_start"):  # Retrace's per-step guiders: made from this inversion?
+    if isinstance(guider, ScheduledGuider):  # Retrace's per-step guiders: made from this inversion?
         guider.check_start(inversion.noise)
     shape_source = torch.zeros(inversion.latent_shape)
     record = run_guider(guider, sampler, inversion.noise, shape_source, reconstruction_sigmas(inversion.sigmas), model,

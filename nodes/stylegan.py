@@ -25,7 +25,7 @@ from ._stylegan import (
     register_folders,
     tensor_to_image,
 )
-from .inversion_io import (FOLDER as RECORD_FOLDER, file_exists, record_file_input, register_folder, save_record,
+from .inversion_io import (FOLDER as RECORD_FOLDER, file_exists, record_file_input, save_record,
                            save_schema)
 
 CATEGORY = "Retrace/stylegan"
@@ -215,7 +215,6 @@ class RetraceGANLatentSave(io.ComfyNode):
 class RetraceGANLatentLoad(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        register_folder()
         return io.Schema(
             node_id="RetraceGANLatentLoad",
             display_name="Retrace Load GAN Latent",
