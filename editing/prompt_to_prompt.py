@@ -120,25 +120,29 @@ def text_values(values: torch.Tensor, edit: TokenEdit) -> tuple[torch.Tensor | N
     return taken, own
 
 
-def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: dict[str, torch.Tensor] | None,
-                    edit: TokenEdit, attend: Attend = sdpa) -> torch.Tensor:
-    """P2P's edited cross-attention (replace, refine, reweight), P2P eq. (3)-(5) in value form."""
+# One attention call ``attend(q, k, v)``; an edited attention is a sum of such calls (its terms).
+Term = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def cross_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: dict[str, torch.Tensor] | None,
+                edit: TokenEdit) -> list[Term]:
+    """P2P's edited cross-attention (replace, refine, reweight), P2P eq. (3)-(5) in value form, as terms."""
     from_source, own = text_values(v, edit)
     if from_source is None:
-        return attend(q, k, own)
-    out = attend(source["q"], source["k"], from_source)
-    return out if own is None else out + attend(q, k, own)
+        return [(q, k, own)]
+    terms = [(source["q"], source["k"], from_source)]
+    return terms if own is None else [*terms, (q, k, own)]
 
 
-def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: dict[str, torch.Tensor],
-                   mode: str, attend: Attend = sdpa) -> torch.Tensor:
+def self_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: dict[str, torch.Tensor] | None,
+               mode: str) -> list[Term]:
     """P2P's self replace (the source's maps with the target's values) or MasaCtrl's mutual self-attention
-    (the target's queries over the source's keys and values)."""
+    (the target's queries over the source's keys and values), as terms."""
     if mode == "replace":
-        return attend(source["q"], source["k"], v)
+        return [(source["q"], source["k"], v)]
     if mode == "mutual":
-        return attend(q, source["k"], source["v"])
-    return attend(q, k, v)
+        return [(q, source["k"], source["v"])]
+    return [(q, k, v)]
 
 
 def _joined(text: torch.Tensor | None, image: torch.Tensor | None, text_tokens: int,
@@ -152,13 +156,11 @@ def _joined(text: torch.Tensor | None, image: torch.Tensor | None, text_tokens: 
     return torch.cat((text, image), dim=2)
 
 
-def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int,
-                    source: dict[str, torch.Tensor] | None, edit: TokenEdit | None, self_mode: str,
-                    attend: Attend = sdpa) -> torch.Tensor:
-    """Joint (DiT) attention with the image rows edited: their text columns as cross-attention under ``edit``
+def joint_image_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int,
+                      source: dict[str, torch.Tensor] | None, edit: TokenEdit | None, self_mode: str) -> list[Term]:
+    """The image rows' terms of joint (DiT) attention: their text columns as cross-attention under ``edit``
     (None: unedited), their image columns as self-attention under ``self_mode`` (source maps, MasaCtrl's source
-    keys and values, or their own). Text rows are left alone."""
-    out_text = attend(q[:, :, :text], k, v)
+    keys and values, or their own). The text rows are ``(q[:, :, :text], k, v)``, left alone."""
     q_image, v_text, v_image = q[:, :, text:], v[:, :, :text], v[:, :, text:]
     text_source, text_own = (None, v_text) if edit is None else text_values(v_text, edit)
     own_keys = k
@@ -169,14 +171,68 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int
     elif self_mode == "mutual":
         own_keys = torch.cat((k[:, :, :text], source["k"][:, :, source_text:]), dim=2)
         image_own = source["v"][:, :, source_text:]
-    out_image = None
+    terms = []
     if text_source is not None or image_source is not None:
-        out_image = attend(source["q"], source["k"], _joined(text_source, image_source, source_text, v_image))
+        terms.append((source["q"], source["k"], _joined(text_source, image_source, source_text, v_image)))
     own = _joined(text_own, image_own, text, v_image)
     if own is not None:
-        mine = attend(q_image, own_keys, own)
-        out_image = mine if out_image is None else out_image + mine
-    return torch.cat((out_text, out_image), dim=2)
+        terms.append((q_image, own_keys, own))
+    return terms
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
+
+
+def one_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, text: int,
+             source: dict[str, torch.Tensor] | None, edit: TokenEdit | None, self_mode: str) -> Term | None:
+    """The edited attention of a ``kind`` layer ("cross", "self", "joint") as one attention call with the
+    inputs' shapes, where it is one; None where it takes several.
+
+    It is one for P2P's replace with the maps in place, self replace, MasaCtrl and reweighting alone (and, in
+    joint attention, where the image rows' keys and values are the text rows' own). Making that one call the way
+    the unedited layer makes it means an edit that changes nothing (the source prompt injected, every weight 1)
+    reproduces the source pass bit for bit, whichever kernel computes it and however it blocks the batch."""
+    if kind == "self":
+        terms = self_terms(q, k, v, source, self_mode)
+    elif kind == "cross":
+        terms = cross_terms(q, k, v, source, edit or TokenEdit())
+    else:
+        image = joint_image_terms(q, k, v, text, source, edit, self_mode)
+        if len(image) != 1 or not (_same(image[0][1], k) and _same(image[0][2], v)):
+            return None
+        terms = [(torch.cat((q[:, :, :text], image[0][0]), dim=2), k, v)]
+    if len(terms) != 1 or any(t.shape != o.shape for t, o in zip(terms[0], (q, k, v))):
+        return None
+    return terms[0]
+
+
+def _attend_sum(terms: list[Term], attend: Attend) -> torch.Tensor:
+    out = attend(*terms[0])
+    for term in terms[1:]:
+        out = out + attend(*term)
+    return out
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: dict[str, torch.Tensor] | None,
+                    edit: TokenEdit, attend: Attend = sdpa) -> torch.Tensor:
+    """P2P's edited cross-attention (replace, refine, reweight), P2P eq. (3)-(5) in value form."""
+    return _attend_sum(cross_terms(q, k, v, source, edit), attend)
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: dict[str, torch.Tensor],
+                   mode: str, attend: Attend = sdpa) -> torch.Tensor:
+    """P2P's self replace or MasaCtrl's mutual self-attention (:func:`self_terms`)."""
+    return _attend_sum(self_terms(q, k, v, source, mode), attend)
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int,
+                    source: dict[str, torch.Tensor] | None, edit: TokenEdit | None, self_mode: str,
+                    attend: Attend = sdpa) -> torch.Tensor:
+    """Joint (DiT) attention with the image rows edited (:func:`joint_image_terms`); text rows left alone."""
+    out_text = attend(q[:, :, :text], k, v)
+    return torch.cat((out_text, _attend_sum(joint_image_terms(q, k, v, text, source, edit, self_mode), attend)),
+                     dim=2)
 
 
 def text_maps(q_image: torch.Tensor, k: torch.Tensor, text: int) -> torch.Tensor:

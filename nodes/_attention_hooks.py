@@ -127,6 +127,19 @@ def _from_heads(t: torch.Tensor, skip_output_reshape: bool) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
+def _substituted(t: torch.Tensor, parts: list[tuple[slice, torch.Tensor]], skip_reshape: bool) -> torch.Tensor:
+    """``t`` (in the layout the host handed it over) with the given rows replaced by ``[b, heads, n, d]`` tensors;
+    ``t`` itself where they hold its own values, so the call sees the very tensor the host made."""
+    changed = [(rows, part if skip_reshape else part.transpose(1, 2).reshape(t[rows].shape)) for rows, part in parts]
+    changed = [(rows, part) for rows, part in changed if not torch.equal(part, t[rows])]
+    if not changed:
+        return t
+    out = t.clone()
+    for rows, part in changed:
+        out[rows] = part
+    return out
+
+
 @dataclass
 class Call:
     """One network call: its step (None off the schedule), its row chunks and which are conditional."""
@@ -371,23 +384,34 @@ class AttentionInjector(AttentionHook):
         if edit is None and self_mode == "off" and not blend:
             return self.plain(func, *args, **kwargs)
         q, k, v, heads, skip_reshape, skip_out = _attention_args(args, kwargs)
-        outs = []
+        cond_rows = []
         for rows, is_cond in call.chunks:
-            part = (q[rows], k[rows], v[rows])
+            if is_cond:
+                qh, kh, vh = (_to_heads(t[rows], heads, skip_reshape) for t in (q, k, v))
+                source = None if source_entry is None else {n: t.to(qh) for n, t in source_entry.items()}
+                if blend:
+                    self._accumulate_blend(qh, kh, source, spec)
+                cond_rows.append((rows, qh, kh, vh, source))
+        single = [p2p.one_call(qh, kh, vh, spec.kind, spec.text, source, edit, self_mode)
+                  for _, qh, kh, vh, source in cond_rows]
+        if all(term is not None for term in single):
+            # The very call the unedited layer makes, with the conditional rows' tensors substituted.
+            q, k, v = (_substituted(t, [(c[0], term[i]) for c, term in zip(cond_rows, single)], skip_reshape)
+                       for i, t in enumerate((q, k, v)))
+            return self.plain(func, q, k, v, *args[3:], **kwargs)
+        attend = self._host_kernel(func, heads, kwargs)
+        outs, cond = [], iter(cond_rows)
+        for rows, is_cond in call.chunks:
             if not is_cond:
-                outs.append(self.plain(func, *part, *args[3:], **kwargs))
+                outs.append(self.plain(func, q[rows], k[rows], v[rows], *args[3:], **kwargs))
                 continue
-            qh, kh, vh = (_to_heads(t, heads, skip_reshape) for t in part)
-            source = None if source_entry is None else {n: t.to(qh) for n, t in source_entry.items()}
-            attend = self._host_kernel(func, heads, kwargs)
+            _, qh, kh, vh, source = next(cond)
             if spec.kind == "self":
                 out = p2p.self_attention(qh, kh, vh, source, self_mode, attend)
             elif spec.kind == "joint":
                 out = p2p.joint_attention(qh, kh, vh, spec.text, source, edit, self_mode, attend)
             else:
                 out = p2p.cross_attention(qh, kh, vh, source, edit or p2p.TokenEdit(), attend)
-            if blend:
-                self._accumulate_blend(qh, kh, source, spec)
             outs.append(_from_heads(out, skip_out))
         return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 

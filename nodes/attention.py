@@ -169,7 +169,7 @@ class RetraceAttentionStore(io.ComfyNode):
                                         "all, or indices in call order such as '0-5, 9'."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="float16",
                                tooltip="float16 halves the memory; float32 makes an unchanged prompt reproduce the "
-                                       "source pass to float precision."),
+                                       "source pass bit for bit."),
                 io.Int.Input("budget_mb", default=8192, min=1, max=1 << 20,
                              tooltip="Most CPU memory the store may take for a whole run. A run that would need more "
                                      "is refused before its first step, saying how much it needs."),

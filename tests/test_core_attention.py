@@ -95,6 +95,40 @@ def test_joint_attention_matches_explicit_maps(self_mode: str) -> None:
     assert (got - expected).abs().max() <= 1e-12
 
 
+def test_one_call_is_the_edit_where_it_exists_and_refuses_otherwise() -> None:
+    """An edit that is one attention call is given as that call (the nodes then make the host's own call with
+    it); it equals the edit's formula, and edits that change nothing hand back the layer's own tensors."""
+    text, image = S, N  # the source prompt's token count, so word swaps can keep the maps in place
+    q, k, v = (rand(B, H, text + image, D, seed=s) for s in (21, 22, 23))
+    source = {"q": q[:, :, text:], "k": k, "v": v}
+    attend = p2p.sdpa
+    in_place = p2p.TokenEdit(mapper=torch.eye(S, dtype=torch.float64))
+    refine = p2p.TokenEdit(mapper=torch.eye(S, dtype=torch.float64), alpha=(torch.arange(S) % 2).double())
+    qi, ki, vi = q[:, :, text:], rand(B, H, image, D, seed=24), rand(B, H, image, D, seed=25)
+    cross_source = {"q": rand(B, H, image, D, seed=26), "k": rand(B, H, S, D, seed=27)}
+    kc, vc = rand(B, H, S, D, seed=28), rand(B, H, S, D, seed=29)
+    for kind, args, edit, mode, formula in (
+            ("cross", (qi, kc, vc), in_place, "off", lambda: p2p.cross_attention(qi, kc, vc, cross_source, in_place)),
+            ("self", (qi, ki, vi), None, "replace", lambda: p2p.self_attention(qi, ki, vi, self_source, "replace")),
+            ("self", (qi, ki, vi), None, "mutual", lambda: p2p.self_attention(qi, ki, vi, self_source, "mutual")),
+            ("joint", (q, k, v), in_place, "replace", lambda: p2p.joint_attention(q, k, v, text, source, in_place,
+                                                                                 "replace"))):
+        self_source = {"q": cross_source["q"], "k": ki + 1, "v": vi - 1}
+        src = {"cross": cross_source, "self": self_source, "joint": source}[kind]
+        term = p2p.one_call(*args, kind, text, src, edit, mode)
+        assert term is not None and (attend(*term) - formula()).abs().max() <= 1e-12
+    # The source prompt injected into joint attention: the layer's own q, k and v.
+    same = p2p.one_call(q, k, v, "joint", text, source, in_place, "replace")
+    assert all(torch.equal(a, b) for a, b in zip(same, (q, k, v)))
+    # Two calls needed: refine (source maps and own maps), and joint attention whose source keys differ.
+    assert p2p.one_call(qi, kc, vc, "cross", text, cross_source, refine, "off") is None
+    other = {**source, "k": k + 1}
+    assert p2p.one_call(q, k, v, "joint", text, other, in_place, "replace") is None
+    # A source prompt of another length cannot stand in for the layer's keys in one call.
+    assert p2p.one_call(qi, kc[:, :, :-1], vc[:, :, :-1], "cross", text, cross_source, p2p.TokenEdit(
+        mapper=torch.ones(S - 1, S, dtype=torch.float64) / S), "off") is None
+
+
 def test_local_blend_mask() -> None:
     maps = torch.zeros(1, 1, 8, 8)
     maps[0, 0, 2, 3] = 5.0

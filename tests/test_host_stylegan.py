@@ -14,7 +14,7 @@ import torch
 from paths import HOST, ensure_host
 
 if not HOST.is_dir():
-    pytest.skip("the host is not unpacked in .host/ComfyUI (GUIDE section 1)", allow_module_level=True)
+    pytest.skip(f"no host at {HOST}: run `make setup` (GUIDE section 1)", allow_module_level=True)
 ensure_host()
 
 import comfy.model_management  # noqa: E402
@@ -107,7 +107,9 @@ def test_seeds_follow_the_nvlabs_numbering_and_noise_modes(folder: Path) -> None
     batch, latent = generate(gan, seed=7, batch_size=3)
     for i in range(3):
         single, one = generate(gan, seed=7 + i, batch_size=1)
-        torch.testing.assert_close(single[0], batch[i], rtol=0, atol=1e-6)
+        # The batch size changes how the convolutions block their sums, so float32 additions run in another order:
+        # closeness at float32 precision (torch's float32 tolerances, rtol 1.3e-6 and atol 1e-5), not bit equality.
+        torch.testing.assert_close(single[0], batch[i])
     z = torch.from_numpy(np.random.RandomState(7).randn(1, 32)).float()
     with torch.no_grad():
         torch.testing.assert_close(latent.ws[:1], gan.info.mapping(z.to(latent.ws.device), None).cpu())
@@ -120,7 +122,7 @@ def test_seeds_follow_the_nvlabs_numbering_and_noise_modes(folder: Path) -> None
     assert torch.equal(random_a, random_b), "random noise is drawn from the seed"
     assert not torch.equal(const, random_a) and not torch.equal(const, none)
     again, _ = generate(gan, latent=latent)
-    torch.testing.assert_close(again, batch[:2] if latent.batch_size == 2 else batch, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, batch[:2] if latent.batch_size == 2 else batch)
 
 
 def test_projection_node_reconstructs_with_progress_previews_and_interrupt(folder: Path) -> None:
