@@ -1,6 +1,7 @@
 """Tiny host models in the real layouts, with seeded weights, for host-level tests (GUIDE section 2).
 
-Every model is the host's own class (``comfy.supported_models.<Config>(unet_config).get_model({})``) with
+Every model is the host's own class (``comfy.supported_models.<Config>(unet_config).get_model({})``; for the
+DiTs the config is the one the host's own detection builds from the layout's shapes, see ``detected_config``) with
 a small ``unet_config`` in the layout the real family uses (UNet with cross-attention and ADM for SDXL,
 double/single stream blocks for Flux, joint blocks for SD3), float32 on the CPU, wrapped in a
 ``ModelPatcher``. The host builds its layers with ``comfy.ops.disable_weight_init``, so every parameter
@@ -61,18 +62,38 @@ def unet_config(kind: str) -> dict[str, Any]:
     if kind == "sdxl":
         # 2816 = CLIP-G pooled 1280 + six 256-wide size embeddings, as in the real SDXL.
         return _unet(2048, True, 2816)
-    if kind == "flux":
-        # hidden 64, 2 heads of 32 = sum(axes_dim); patch 2 over 16 latent channels, as in Flux.1-dev.
-        return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
-                "context_in_dim": 4096, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
-                "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
-                "qkv_bias": True, "guidance_embed": True}
-    # SD3: hidden size is 64 x depth; depth 2 gives 128 wide, 2 heads.
-    return {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
-            "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "pos_embed_max_size": 16,
-            "num_patches": 256, "x_block_self_attn_layers": [],
-            "context_embedder_config": {"target": "torch.nn.Linear",
-                                        "params": {"in_features": 4096, "out_features": 128}}}
+    raise ValueError(f"{kind} is a DiT: its config comes from the host's detection (detected_config).")
+
+
+# The DiTs' configs come from the host's own detection (comfy.model_detection), run on the few tensor shapes it
+# reads, so every field a host version requires is filled by that host. Meta tensors: nothing is allocated.
+DETECTION_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
+    # Flux.1-dev's layout at hidden 64: patch 2 over 16 latent channels, T5 4096 and CLIP-L 768 inputs, guidance.
+    "flux": {"img_in.weight": (64, 64), "txt_in.weight": (64, 4096), "vector_in.in_layer.weight": (64, 768),
+             "guidance_in.in_layer.weight": (64, 256), "double_blocks.0.img_attn.norm.key_norm.scale": (32,),
+             "single_blocks.0.linear1.weight": (448, 64), "final_layer.linear.weight": (64, 64)},
+    # SD3's hidden size is 64 x depth: 128 wide, depth 2, 2 heads; CLIP-L+G pooled 2048, T5 4096.
+    "sd3": {"x_embedder.proj.weight": (128, 16, 2, 2), "final_layer.linear.weight": (64, 128),
+            "y_embedder.mlp.0.weight": (128, 2048), "context_embedder.weight": (128, 4096),
+            "pos_embed": (1, 256, 128), "joint_blocks.0.context_block.attn.qkv.weight": (384, 128),
+            "joint_blocks.1.context_block.attn.qkv.weight": (384, 128)},
+}
+# What detection fixes rather than reads: Flux's heads (24 of 128 wide, by axes_dim) become 2 of 32 at hidden 64.
+DETECTION_OVERRIDES: dict[str, dict[str, Any]] = {"flux": {"axes_dim": [8, 12, 12], "num_heads": 2}}
+
+
+def detected_config(kind: str) -> Any:
+    """The host's supported-model config for the tiny DiT ``kind``, as its detection builds it."""
+    ensure_host()
+    import comfy.model_detection
+
+    shapes = {key: torch.empty(shape, device="meta") for key, shape in DETECTION_SHAPES[kind].items()}
+    config = comfy.model_detection.model_config_from_unet(shapes, "")
+    if config is None or type(config).__name__ != CONFIG_NAME[kind]:
+        raise RuntimeError(f"the host detects the tiny {kind} layout as {type(config).__name__}, not "
+                           f"{CONFIG_NAME[kind]}; update DETECTION_SHAPES for this host version.")
+    config.unet_config.update(DETECTION_OVERRIDES.get(kind, {}))
+    return config
 
 
 def fill_weights(module: torch.nn.Module, seed: int) -> None:
@@ -105,26 +126,27 @@ def fill_weights(module: torch.nn.Module, seed: int) -> None:
             t.copy_(value.to(t.dtype))
 
 
-def build_model(kind: str, seed: int = 0) -> Any:
-    """A tiny float32 host model of ``kind`` in a CPU ``ModelPatcher``; weights from ``seed``."""
+def build_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+    """A tiny host model of ``kind`` (float32 unless told) in a CPU ``ModelPatcher``; weights from ``seed``."""
     _check_kind(kind)
     ensure_host()
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
 
-    cfg_cls = getattr(comfy.supported_models, CONFIG_NAME[kind])
-    config = cfg_cls(unet_config(kind))
-    if kind in ("sd15", "sd2v", "sdxl"):
+    if kind in ("flux", "sd3"):
+        config = detected_config(kind)
+    else:
+        config = getattr(comfy.supported_models, CONFIG_NAME[kind])(unet_config(kind))
         # The real configs fix heads for 320 channels; at 32 channels use 4 heads (8 wide) per level.
         config.unet_config.update({"num_heads": -1, "num_head_channels": 8})
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)
     if kind == "sd2v":
         # The 768-v checkpoints are told apart by their weights (SD20.model_type); say it directly.
         model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION)
     else:
         model = config.get_model({})
-    model = model.to(torch.float32).eval()
+    model = model.to(dtype).eval()
     fill_weights(model.diffusion_model, seed)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
