@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .hosts import host_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-HOST = ROOT / ".host" / "ComfyUI"
+HOST = host_dir()
 CACHE = ROOT / ".cache"
 TINY_CHECKPOINT_SCRIPT = ROOT / "tests" / "tiny_checkpoint.py"
 

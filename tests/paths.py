@@ -6,7 +6,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST = ROOT / ".host" / "ComfyUI"
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # for `scripts`; appended, so the pack's folders never shadow the host's modules
+
+from scripts.hosts import host_dir  # noqa: E402
+
+HOST = host_dir()
 CACHE = ROOT / ".cache"
 TEST_OUT = ROOT / "tests" / "out"
 PKGROOT = CACHE / "pkgroot"

@@ -17,7 +17,7 @@ import torch
 from paths import HOST, ensure_host
 
 if not HOST.is_dir():
-    pytest.skip("the host is not unpacked in .host/ComfyUI (GUIDE section 1)", allow_module_level=True)
+    pytest.skip(f"no host at {HOST}: run `make setup` (GUIDE section 1)", allow_module_level=True)
 ensure_host()
 
 import folder_paths  # noqa: E402
