@@ -30,9 +30,22 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 # A fresh user directory would open the template browser and a banner over the canvas.
 # Full node drawing at any zoom (no low-detail boxes), so a fitted large graph still shows its titles and widgets.
-UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 0}
+# Workflow validation on (frontends from 1.4x turn it off by default), so a file the schema rejects raises its alert.
+UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 0,
+               "Comfy.Validation.Workflows": True}
 UI_LOCAL_STORAGE = {"vueNodesBannerDismissed": "true"}
 VIEWPORT = {"width": 1600, "height": 1000}
+# The model files the shared workflows name, by the host's model folder. The UI checks each loader's file against the
+# server's list and draws the loader with an error where it is missing. Where the workflows are only loaded (the
+# browser layer, the thumbnails), an empty stand-in under the name is enough; the e2e layer runs them on tiny models.
+WORKFLOW_MODEL_NAMES = {
+    "checkpoints": ["v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"],
+    "diffusion_models": ["flux1-dev.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+    "vae": ["ae.safetensors"],
+    "retrace_directions": ["smile.npy"],
+    "stylegan": ["stylegan2-ffhq-1024x1024.pkl"],
+}
 
 log = logging.getLogger("retrace.browser")
 
@@ -45,8 +58,9 @@ _NODES_JS = """() => {
     visible: visible.has(n.id), widgets_values: n.serialize().widgets_values ?? null,
     width: n.size[0], height: n.size[1]}));
 }"""
-_OPEN_DIALOGS_JS = """() => [...document.querySelectorAll('.p-dialog')].filter(e => e.offsetParent !== null)
-  .map(e => e.innerText.trim().replace(/\\s+/g, ' ').slice(0, 400))"""
+# Dialogs, and the error overlay that newer frontends (1.4x) show instead of the missing-nodes dialog.
+_OPEN_DIALOGS_JS = """() => [...document.querySelectorAll('.p-dialog, [data-testid="error-overlay"]')]
+  .filter(e => e.offsetParent !== null).map(e => e.innerText.trim().replace(/\\s+/g, ' ').slice(0, 400))"""
 _ALERTS_JS = """() => [...document.querySelectorAll('.p-toast-message-error, .p-toast-message-warn')]
   .map(e => e.innerText.trim().replace(/\\s+/g, ' ').slice(0, 400))"""
 # The nodes' bounding box (titles included) in page pixels, clipped to the window.
@@ -104,6 +118,25 @@ def write_ui_settings(user_dir: Path) -> Path:
     return path
 
 
+def write_stand_ins(root: Path, skip: set[str] = frozenset()) -> dict[str, list[Path]]:
+    """Empty files under the names in WORKFLOW_MODEL_NAMES, one folder per model kind under ``root`` (emptied
+    first); returns the server's ``model_dirs`` for them."""
+    shutil.rmtree(root, ignore_errors=True)
+    dirs = {}
+    for folder, names in WORKFLOW_MODEL_NAMES.items():
+        if folder in skip:
+            continue
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            (root / folder / name).write_bytes(b"")
+        dirs[folder] = [root / folder]
+    return dirs
+
+
+def _id_order(node_id: str) -> tuple[int, str]:
+    return (int(node_id), "") if node_id.isdigit() else (1 << 62, node_id)
+
+
 def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
@@ -125,13 +158,15 @@ class LoadReport:
     def problems(self) -> list[str]:
         """Everything a person would see go wrong, compared with the file: empty when the load was clean."""
         saved = json.loads(self.workflow.read_text(encoding="utf-8"))
-        saved_nodes = {int(n["id"]): n for n in saved.get("nodes", [])}
-        shown = {int(n["id"]): n for n in self.nodes}
+        # Node ids are numbers in the file and in older frontends, strings in newer ones (1.4x).
+        saved_nodes = {str(n["id"]): n for n in saved.get("nodes", [])}
+        shown = {str(n["id"]): n for n in self.nodes}
         out = [f"dialog: {d}" for d in self.dialogs] + [f"alert: {a}" for a in self.alerts]
         out += [f"page error: {e}" for e in self.page_errors]
         if set(saved_nodes) != set(shown):
-            out.append(f"nodes in the file {sorted(saved_nodes)} but in the UI {sorted(shown)}")
-        for node_id, node in sorted(shown.items()):
+            out.append(f"nodes in the file {sorted(saved_nodes, key=_id_order)} but in the UI "
+                       f"{sorted(shown, key=_id_order)}")
+        for node_id, node in sorted(shown.items(), key=lambda item: _id_order(item[0])):
             label = f"node {node_id} ({node['type']})"
             if not node["registered"]:
                 out.append(f"{label}: type not registered (missing node)")
@@ -142,7 +177,9 @@ class LoadReport:
             if node["width"] <= 0 or node["height"] <= 0:
                 out.append(f"{label}: has no size")
             before = saved_nodes.get(node_id, {}).get("widgets_values")
-            if before is not None and not _same_value(before, node["widgets_values"]):
+            # A node without widgets serialises its values as [] in older frontends and null in newer ones.
+            after = node["widgets_values"] if node["widgets_values"] is not None else []
+            if before is not None and not _same_value(before, after):
                 out.append(f"{label}: widget values changed on load: {before} -> {node['widgets_values']}")
         return out
 
@@ -207,7 +244,8 @@ class ComfyUI:
 
     def dismiss_messages(self) -> None:
         """Close every open dialog and toast, so the next load starts from a quiet screen."""
-        for selector in (".p-dialog .p-dialog-close-button", ".p-toast-close-button"):
+        for selector in (".p-dialog .p-dialog-close-button", ".p-toast-close-button",
+                         '[data-testid="error-overlay"] button[aria-label="Close"]'):
             for button in self.page.locator(selector).all():
                 try:
                     button.click(timeout=2000)
@@ -223,13 +261,13 @@ class ComfyUI:
         with ``wait_for``, until an element matching that selector shows), fit it to the view, report what showed."""
         self.dismiss_messages()
         errors_before = len(self.page_errors)
-        node_ids = sorted(int(n["id"]) for n in json.loads(Path(path).read_text(encoding="utf-8")).get("nodes", []))
+        node_ids = sorted(str(n["id"]) for n in json.loads(Path(path).read_text(encoding="utf-8")).get("nodes", []))
         # Mark the current nodes, so a reload of the same file is told apart from the graph already shown.
         self.page.evaluate("() => app.graph.nodes.forEach(n => { n.__retrace_before_load = true; })")
         self.page.locator("#comfy-file-input").set_input_files(str(path))
         self.page.wait_for_function("""(ids) => { const nodes = app.graph.nodes;
             return nodes.length === ids.length && nodes.every(n => !n.__retrace_before_load)
-                   && JSON.stringify(nodes.map(n => n.id).sort((a, b) => a - b)) === JSON.stringify(ids); }""",
+                   && JSON.stringify(nodes.map(n => String(n.id)).sort()) === JSON.stringify(ids); }""",
                                     arg=node_ids, timeout=timeout * 1000)
         if wait_for:
             self.page.wait_for_selector(wait_for, state="visible", timeout=timeout * 1000)
@@ -271,11 +309,16 @@ class ComfyUI:
         finally:
             self.page.evaluate("(id) => { const n = app.graph.getNodeById(id); if (n) app.graph.remove(n); }", node_id)
 
-    def run_and_wait_for_images(self, node_id: int, timeout: float = 300.0) -> list[str]:
-        """Press the UI's Run button; wait until the node shows output images; return their URLs."""
-        self.page.get_by_role("button", name="Run", exact=True).first.click()
-        self.page.wait_for_function(f"() => ({_IMAGES_SHOWN_JS})({int(node_id)}).length > 0", timeout=timeout * 1000)
-        return self.page.evaluate(_IMAGES_SHOWN_JS, int(node_id))
+    def run_and_wait_for_images(self, node_id: int | str, timeout: float = 300.0) -> list[str]:
+        """Press the UI's Run button (the queue button of newer frontends, the Run button of older ones); wait until
+        the node (its id as the UI gives it) shows output images; return their URLs."""
+        button = self.page.locator('[data-testid="queue-button"]')
+        if button.count() == 0:
+            button = self.page.get_by_role("button", name="Run", exact=True)
+        button.first.click()
+        self.page.wait_for_function(f"(id) => ({_IMAGES_SHOWN_JS})(id).length > 0", arg=node_id,
+                                    timeout=timeout * 1000)
+        return self.page.evaluate(_IMAGES_SHOWN_JS, node_id)
 
 
 def make_thumbnails(workflows: list[Path], out_dir: Path = THUMBNAILS, width: int = THUMBNAIL_WIDTH) -> list[Path]:
@@ -292,7 +335,8 @@ def make_thumbnails(workflows: list[Path], out_dir: Path = THUMBNAILS, width: in
     make_test_image(512).save(run_dir / "input" / "example.png")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    with ComfyServer(run_dir=run_dir) as server, ComfyUI(server.url) as ui:
+    model_dirs = write_stand_ins(CACHE / "thumbnails" / "stand_ins")
+    with ComfyServer(run_dir=run_dir, model_dirs=model_dirs) as server, ComfyUI(server.url) as ui:
         ui.focus_mode()
         for workflow in workflows:
             report = ui.load_workflow(workflow)

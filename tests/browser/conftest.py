@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from paths import CACHE, TEST_OUT
-from scripts.browser import ComfyUI, find_chromium, write_ui_settings
+from scripts.browser import WORKFLOW_MODEL_NAMES, ComfyUI, find_chromium, write_stand_ins, write_ui_settings
 from scripts.comfy_server import ComfyServer
 from scripts.images import make_test_image
 
 RUN_DIR = CACHE / "browser" / "run"
 MODELS_DIR = CACHE / "browser" / "stylegan"
+STAND_INS = CACHE / "browser" / "stand_ins"
 SCREENSHOTS = TEST_OUT / "browser"
 # The generator file name the StyleGAN workflows ask for: the tiny seeded generator stands in under that name.
-WORKFLOW_GENERATOR_NAME = "stylegan2-ffhq-1024x1024.pkl"
+WORKFLOW_GENERATOR_NAME = WORKFLOW_MODEL_NAMES["stylegan"][0]
 SKIPPED: list[str] = []
 
 
@@ -51,10 +52,11 @@ def browser_server() -> Iterator[ComfyServer]:
     shutil.rmtree(MODELS_DIR, ignore_errors=True)
     MODELS_DIR.mkdir(parents=True)
     write_nvlabs_pickle(MODELS_DIR / WORKFLOW_GENERATOR_NAME, tiny_generator("stylegan2", seed=0, img_resolution=32))
+    model_dirs = {**write_stand_ins(STAND_INS, skip={"stylegan"}), "stylegan": [MODELS_DIR]}
     write_ui_settings(RUN_DIR / "user")
     (RUN_DIR / "input").mkdir(parents=True)
     make_test_image(64).save(RUN_DIR / "input" / "example.png")
-    server = ComfyServer(run_dir=RUN_DIR, model_dirs={"stylegan": [MODELS_DIR]}, threads=1)
+    server = ComfyServer(run_dir=RUN_DIR, model_dirs=model_dirs, threads=1)
     try:
         server.start()
         yield server

@@ -49,7 +49,8 @@ def _with_node_type(path: Path, node_id: int, new_type: str, tmp_path: Path) -> 
 def test_a_missing_node_is_caught(ui: ComfyUI, screenshots: Path, tmp_path: Path) -> None:
     """The checks above can fail: an unknown node type brings the host's missing-node dialog and a red node."""
     broken = _with_node_type(QUEUED_WORKFLOW, 2, "RetraceNoSuchNode", tmp_path)
-    problems = _load(ui, broken, screenshots, wait_for=".p-dialog").problems()
+    # The missing-nodes dialog of older frontends, the error overlay of newer ones (1.4x).
+    problems = _load(ui, broken, screenshots, wait_for='.p-dialog, [data-testid="error-overlay"]').problems()
     assert any(p.startswith("dialog:") and "RetraceNoSuchNode" in p for p in problems), problems
     assert any("type not registered" in p for p in problems), problems
 
