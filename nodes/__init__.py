@@ -13,11 +13,12 @@ from .null_text import NODES as NULL_TEXT_NODES
 from ._stylegan import register_folders
 from .samplers import NODES as SAMPLER_NODES
 from .stylegan import NODES as STYLEGAN_NODES
+from .toy_world import NODES as TOY_WORLD_NODES
 from .vae_encode import NODES as VAE_NODES
 
 ALL_NODES: list[type[io.ComfyNode]] = [*VAE_NODES, *INVERSION_NODES, *SAMPLER_NODES, *INVERSION_IO_NODES,
                                         *NULL_TEXT_NODES, *GUIDER_NODES, *ATTENTION_NODES,
-                                        *STYLEGAN_NODES, *GAN_PROJECTION_NODES, *DIRECTION_NODES]
+                                        *STYLEGAN_NODES, *GAN_PROJECTION_NODES, *DIRECTION_NODES, *TOY_WORLD_NODES]
 
 
 class RetraceExtension(ComfyExtension):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,3 +27,21 @@ def host_version(host: Path) -> str:
         if line.startswith("__version__"):
             return line.split("=", 1)[1].strip().strip("\"'")
     return "unknown"
+
+
+def import_host(host: Path | None = None) -> Path:
+    """Import the host's ``comfy`` in this process, on the CPU (shared GUIDE section 1); returns the host folder."""
+    host = host or host_dir()
+    if str(host) not in sys.path:
+        sys.path.insert(1, str(host))
+    if "comfy.model_management" not in sys.modules:
+        argv = sys.argv
+        sys.argv = [argv[0], "--cpu"]
+        try:
+            import comfy.options
+
+            comfy.options.enable_args_parsing()
+            import comfy.model_management  # noqa: F401
+        finally:
+            sys.argv = argv
+    return host

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # for `scripts`; appended, so the pack's folders never shadow the host's modules
 
-from scripts.hosts import host_dir  # noqa: E402
+from scripts.hosts import host_dir, import_host  # noqa: E402
 
 HOST = host_dir()
 CACHE = ROOT / ".cache"
@@ -34,15 +34,4 @@ def ensure_package() -> None:
 def ensure_host() -> None:
     """Import the real host in-process, on the CPU (shared GUIDE section 1)."""
     ensure_package()
-    if str(HOST) not in sys.path:
-        sys.path.insert(1, str(HOST))
-    if "comfy.model_management" not in sys.modules:
-        argv = sys.argv
-        sys.argv = [argv[0], "--cpu"]
-        try:
-            import comfy.options
-
-            comfy.options.enable_args_parsing()
-            import comfy.model_management  # noqa: F401
-        finally:
-            sys.argv = argv
+    import_host(HOST)
