@@ -10,7 +10,7 @@ import torch
 from ..editing.alignment import AlignmentError, refine_alignment, replace_mapper
 from ..editing.attention_store import AttentionStore, StoreSettings, parse_layers
 from ..editing.prompt_to_prompt import InjectSettings, TokenEdit, stored_word_maps
-from ._api import io
+from ._api import RetraceNode, io
 from ._attention_hooks import AttentionHook, AttentionInjector, AttentionRecorder, check_store_fits, identity_of
 from ._prompts import context_tokens, word_positions
 
@@ -101,7 +101,7 @@ def token_edit(pair: PromptPair, mode: str, reweight_words: str, reweight_factor
     return TokenEdit(mapper=mapper, alpha=alpha, weights=weights)
 
 
-class RetracePromptPair(io.ComfyNode):
+class RetracePromptPair(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -143,7 +143,7 @@ class RetracePromptPair(io.ComfyNode):
         return io.NodeOutput(source_cond, target_cond, PromptPair(source, target, source_tokens, target_tokens, clip))
 
 
-class RetraceAttentionStore(io.ComfyNode):
+class RetraceAttentionStore(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -194,7 +194,7 @@ class RetraceAttentionStore(io.ComfyNode):
         return io.NodeOutput(patched, store)
 
 
-class RetraceAttentionInject(io.ComfyNode):
+class RetraceAttentionInject(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -297,7 +297,7 @@ def _check_store_holds(store: AttentionStore, pair: PromptPair, mode: str, self_
                          f"pair's source conditioning.")
 
 
-class RetraceAttentionMaps(io.ComfyNode):
+class RetraceAttentionMaps(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

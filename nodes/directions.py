@@ -32,7 +32,7 @@ from ..editing.directions import (
 )
 from ..inversion.gan_latent import GanLatent
 from ..inversion.gan_projection import sample_ws
-from ._api import io, ui
+from ._api import RetraceNode, io, ui
 from ._stylegan import GanLatentType, StyleGAN, StyleGANType, base_id, check_latent_fits, tensor_to_image
 from .inversion_io import (FOLDER as RECORD_FOLDER, file_exists, record_file_input, register_folder, save_record,
                            save_schema)
@@ -166,7 +166,7 @@ def summary(direction: Direction, extra: str = "") -> ui.PreviewText:
 # --- StyleGAN directions -------------------------------------------------------------------------------------
 
 
-class RetraceSeFa(io.ComfyNode):
+class RetraceSeFa(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -206,7 +206,7 @@ class RetraceSeFa(io.ComfyNode):
         return io.NodeOutput(direction, ui=summary(direction))
 
 
-class RetraceGANSpace(io.ComfyNode):
+class RetraceGANSpace(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -255,7 +255,7 @@ def direction_files() -> list[str]:
     return folder_paths.get_filename_list(DIRECTION_FOLDER)
 
 
-class RetraceLoadBoundary(io.ComfyNode):
+class RetraceLoadBoundary(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -278,7 +278,7 @@ class RetraceLoadBoundary(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, boundary_file: str, **_) -> bool | str:
+    def validate_inputs(cls, boundary_file: str) -> bool | str:
         register_direction_folder()
         return True if folder_paths.get_full_path(DIRECTION_FOLDER, boundary_file) is not None else \
             f"direction file not found in models/{DIRECTION_FOLDER}/: {boundary_file}"
@@ -299,7 +299,7 @@ class RetraceLoadBoundary(io.ComfyNode):
         return io.NodeOutput(direction, ui=summary(direction))
 
 
-class RetraceLearnBoundary(io.ComfyNode):
+class RetraceLearnBoundary(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -339,7 +339,7 @@ class RetraceLearnBoundary(io.ComfyNode):
         return io.NodeOutput(direction, ui=summary(direction))
 
 
-class RetraceConditionalDirection(io.ComfyNode):
+class RetraceConditionalDirection(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -382,7 +382,7 @@ class RetraceConditionalDirection(io.ComfyNode):
         return io.NodeOutput(result, ui=summary(result))
 
 
-class RetraceApplyDirection(io.ComfyNode):
+class RetraceApplyDirection(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -420,7 +420,7 @@ class RetraceApplyDirection(io.ComfyNode):
         return io.NodeOutput(out)
 
 
-class RetraceDirectionSweep(io.ComfyNode):
+class RetraceDirectionSweep(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -473,7 +473,7 @@ class RetraceDirectionSweep(io.ComfyNode):
         return io.NodeOutput(images, out_latent(ws, space, stylegan, noise))
 
 
-class RetraceInterpolateLatents(io.ComfyNode):
+class RetraceInterpolateLatents(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -521,7 +521,7 @@ class RetraceInterpolateLatents(io.ComfyNode):
         return io.NodeOutput(images, out_latent(ws, w_space([latent_a, latent_b], ws), stylegan, noise))
 
 
-class RetraceStyleMix(io.ComfyNode):
+class RetraceStyleMix(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -577,7 +577,7 @@ class RetraceStyleMix(io.ComfyNode):
 # --- files ---------------------------------------------------------------------------------------------------
 
 
-class RetraceSaveDirection(io.ComfyNode):
+class RetraceSaveDirection(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return save_schema(DirectionType.Input("direction", tooltip="Any Retrace direction (StyleGAN or text)."),
@@ -591,7 +591,7 @@ class RetraceSaveDirection(io.ComfyNode):
         return save_record(direction, filename_prefix)
 
 
-class RetraceLoadDirection(io.ComfyNode):
+class RetraceLoadDirection(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -612,7 +612,7 @@ class RetraceLoadDirection(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, direction_file: str, **_) -> bool | str:
+    def validate_inputs(cls, direction_file: str) -> bool | str:
         register_folder()
         return file_exists(direction_file)
 
@@ -653,7 +653,7 @@ def encode_lines(clip: Any, lines: list[str], what: str) -> tuple[torch.Tensor, 
     return torch.cat(conds), torch.cat(pooled) if all(have) else None
 
 
-class RetracePromptDirection(io.ComfyNode):
+class RetracePromptDirection(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -698,7 +698,7 @@ class RetracePromptDirection(io.ComfyNode):
                                                           f"prompts; offset norm {float(vector.norm()):.4f}"))
 
 
-class RetraceApplyPromptDirection(io.ComfyNode):
+class RetraceApplyPromptDirection(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -7,7 +7,7 @@ import torch
 from ..inversion.gan_latent import GanLatent
 from ..inversion.gan_projection import Degradation, ProjectionSettings, project
 from ..inversion.pti import PTISettings, pivotal_tuning
-from ._api import io
+from ._api import RetraceNode, io
 from ._stylegan import (
     ON_MISMATCH,
     GanLatentType,
@@ -37,7 +37,7 @@ MISMATCH_TOOLTIP = ("An image whose size or channels do not fit the generator: r
                     "resize) or refuse with an error.")
 
 
-class RetraceStyleGANProject(io.ComfyNode):
+class RetraceStyleGANProject(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         register_folders()
@@ -89,7 +89,7 @@ class RetraceStyleGANProject(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lpips_backbone: str, **_) -> bool | str:
+    def validate_inputs(cls, lpips_backbone: str) -> bool | str:
         return perceptual_exists(lpips_backbone)
 
     @classmethod
@@ -119,7 +119,7 @@ class RetraceStyleGANProject(io.ComfyNode):
         return io.NodeOutput(latent, tensor_to_image(result.image))
 
 
-class RetraceStyleGANPivotalTuning(io.ComfyNode):
+class RetraceStyleGANPivotalTuning(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         register_folders()
@@ -154,7 +154,7 @@ class RetraceStyleGANPivotalTuning(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lpips_backbone: str, **_) -> bool | str:
+    def validate_inputs(cls, lpips_backbone: str) -> bool | str:
         return perceptual_exists(lpips_backbone)
 
     @classmethod

@@ -9,7 +9,7 @@ import torch
 
 from ..inversion.record import Inversion
 from ..inversion.schedules import SIGMA_FLOOR, inversion_sigmas, reconstruction_sigmas
-from ._api import io
+from ._api import RetraceNode, io
 from ._guidance import ScheduledGuider
 from ._host import (Inversion as InversionType, check_fits, check_latent, check_steps_and_guidance, make_guider,
                     model_family, model_name)
@@ -86,7 +86,7 @@ def sample_with_guider(model, inversion: Inversion, guider, sampler: RetraceSamp
 SCHEDULER_TOOLTIP = "The host's scheduler that spaces the sigmas (the same names as in KSampler)."
 
 
-class RetraceInversionSigmas(io.ComfyNode):
+class RetraceInversionSigmas(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -113,7 +113,7 @@ class RetraceInversionSigmas(io.ComfyNode):
         return io.NodeOutput(inversion_sigmas(schedule(model, scheduler, steps), flow_top=top))
 
 
-class RetraceInvert(io.ComfyNode):
+class RetraceInvert(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -153,7 +153,7 @@ class RetraceInvert(io.ComfyNode):
         return io.NodeOutput(out, inv)
 
 
-class RetraceSampleInversion(io.ComfyNode):
+class RetraceSampleInversion(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -186,7 +186,7 @@ class RetraceSampleInversion(io.ComfyNode):
         return io.NodeOutput(sample_inversion(model, inversion, positive, negative, guidance, sampler))
 
 
-class RetraceSampleInversionGuided(io.ComfyNode):
+class RetraceSampleInversionGuided(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

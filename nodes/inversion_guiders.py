@@ -8,7 +8,7 @@ import comfy.samplers
 
 from ..inversion.direct import corrected_denoised, trajectory_denoised
 from ..inversion.record import Inversion, fingerprint
-from ._api import io
+from ._api import RetraceNode, io
 from ._attention_hooks import records_attention, source_branch_options
 from ._guidance import ScheduledGuider
 from ._host import Inversion as InversionType, check_fits, check_steps_and_guidance, make_guider
@@ -54,7 +54,7 @@ class DirectInversionGuider(ScheduledGuider):
         return corrected_denoised(denoised, source, target)
 
 
-class RetraceNegativePromptGuider(io.ComfyNode):
+class RetraceNegativePromptGuider(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -82,7 +82,7 @@ class RetraceNegativePromptGuider(io.ComfyNode):
         return io.NodeOutput(make_guider(model, positive, source, guidance))
 
 
-class RetraceDirectInversionGuider(io.ComfyNode):
+class RetraceDirectInversionGuider(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

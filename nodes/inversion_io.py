@@ -9,7 +9,7 @@ from typing import Any
 import folder_paths
 
 from ..inversion.record import FORMAT, NULL_TEXT_FORMAT, Inversion, NullText, record_format
-from ._api import io, ui
+from ._api import RetraceNode, io, ui
 from ._host import Inversion as InversionType, check_fits, check_latent
 from .null_text import NullTextType
 
@@ -93,7 +93,7 @@ def load_schema(file_input: str, file_format: str, what: str, output: io.Output,
                      inputs=file_inputs(file_input, file_format, what), outputs=[output])
 
 
-class RetraceSaveInversion(io.ComfyNode):
+class RetraceSaveInversion(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         record = InversionType.Input("inversion", tooltip="From Retrace Invert: noise, trajectory and schedule.")
@@ -107,7 +107,7 @@ class RetraceSaveInversion(io.ComfyNode):
         return save_record(inversion, filename_prefix)
 
 
-class RetraceLoadInversion(io.ComfyNode):
+class RetraceLoadInversion(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         output = InversionType.Output(tooltip="The saved inversion, checked against the model; connect to Sample "
@@ -118,7 +118,7 @@ class RetraceLoadInversion(io.ComfyNode):
                                        "given); a mismatch is named before anything runs.")
 
     @classmethod
-    def validate_inputs(cls, inversion_file: str, **_) -> bool | str:
+    def validate_inputs(cls, inversion_file: str) -> bool | str:
         return file_exists(inversion_file)
 
     @classmethod
@@ -126,7 +126,7 @@ class RetraceLoadInversion(io.ComfyNode):
         return load_record(Inversion, inversion_file, model, latent, "inversion file")
 
 
-class RetraceSaveNullText(io.ComfyNode):
+class RetraceSaveNullText(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         record = NullTextType.Input("null_text", tooltip="From Retrace Null-Text Inversion (or Load Null-Text).")
@@ -140,7 +140,7 @@ class RetraceSaveNullText(io.ComfyNode):
         return save_record(null_text, filename_prefix)
 
 
-class RetraceLoadNullText(io.ComfyNode):
+class RetraceLoadNullText(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         output = NullTextType.Output(tooltip="The saved per-step embeddings, checked against the model; connect "
@@ -151,7 +151,7 @@ class RetraceLoadNullText(io.ComfyNode):
                                        "latent, if given).")
 
     @classmethod
-    def validate_inputs(cls, null_text_file: str, **_) -> bool | str:
+    def validate_inputs(cls, null_text_file: str) -> bool | str:
         return file_exists(null_text_file)
 
     @classmethod

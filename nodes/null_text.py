@@ -13,7 +13,7 @@ import torch
 from ..inversion.null_text import SOLVERS, STARTS, NullTextSettings, NullTextStep, loss_weight, solve_step
 from ..inversion.record import Inversion, NullText, fingerprint
 from ..inversion.schedules import reconstruction_sigmas
-from ._api import io
+from ._api import RetraceNode, io
 from ._guidance import ScheduledGuider, with_crossattn
 from ._host import Differentiable, Inversion as InversionType, check_fits, check_steps_and_guidance
 from .inversion import run_guider
@@ -168,7 +168,7 @@ class NullTextGuider(ScheduledGuider):
                                                 self.cfg, model_options=model_options, seed=seed)
 
 
-class RetraceNullTextInversion(io.ComfyNode):
+class RetraceNullTextInversion(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -228,7 +228,7 @@ class RetraceNullTextInversion(io.ComfyNode):
         return io.NodeOutput(*optimize_null_text(model, inversion, positive, negative, guidance, settings))
 
 
-class RetraceNullTextGuider(io.ComfyNode):
+class RetraceNullTextGuider(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

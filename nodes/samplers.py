@@ -9,7 +9,7 @@ import comfy.samplers
 import torch
 
 from ..inversion import samplers as core
-from ._api import io
+from ._api import RetraceNode, io
 from ._host import FAMILY_NAMES, base_model_of, family_of_sampling, step_callback
 
 ALL_FAMILIES = ("eps", "v", "flow")
@@ -85,7 +85,7 @@ def ode_sampler(solver: str, direction: str = "any") -> RetraceSampler:
     return RetraceSampler(fn, {}, solver, ALL_FAMILIES, direction)
 
 
-class RetraceInversionSampler(io.ComfyNode):
+class RetraceInversionSampler(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -106,7 +106,7 @@ class RetraceInversionSampler(io.ComfyNode):
         return io.NodeOutput(ode_sampler(solver))
 
 
-class RetraceRFInversionSampler(io.ComfyNode):
+class RetraceRFInversionSampler(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -133,7 +133,7 @@ class RetraceRFInversionSampler(io.ComfyNode):
         return io.NodeOutput(RetraceSampler(core.sample_rf_inversion, options, "rf_inversion", ("flow",), "invert"))
 
 
-class RetraceRFInversionEditSampler(io.ComfyNode):
+class RetraceRFInversionEditSampler(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -11,7 +11,7 @@ import torch
 from ..inversion.gan_latent import LATENT_FORMAT, GanLatent, concat_latents, load_gan_latent
 from ..models.layers import truncate
 from ..models.loader import convert_to_safetensors
-from ._api import io, ui
+from ._api import RetraceNode, io, ui
 from ._stylegan import (
     DTYPES,
     FOLDER,
@@ -43,7 +43,7 @@ def generator_exists(name: str) -> bool | str:
         f"generator file not found in models/{FOLDER}/: {name}"
 
 
-class RetraceStyleGANLoader(io.ComfyNode):
+class RetraceStyleGANLoader(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -67,7 +67,7 @@ class RetraceStyleGANLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, generator: str, **_) -> bool | str:
+    def validate_inputs(cls, generator: str) -> bool | str:
         return generator_exists(generator)
 
     @classmethod
@@ -75,7 +75,7 @@ class RetraceStyleGANLoader(io.ComfyNode):
         return io.NodeOutput(generator_handle(read_generator(generator), generator, DTYPES[dtype]))
 
 
-class RetraceStyleGANConvert(io.ComfyNode):
+class RetraceStyleGANConvert(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -93,7 +93,7 @@ class RetraceStyleGANConvert(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, generator: str, **_) -> bool | str:
+    def validate_inputs(cls, generator: str) -> bool | str:
         return generator_exists(generator)
 
     @classmethod
@@ -133,7 +133,7 @@ def noise_for(G: torch.nn.Module, mode: str, seed: int, batch: int) -> tuple[str
     return "const", maps
 
 
-class RetraceStyleGANGenerate(io.ComfyNode):
+class RetraceStyleGANGenerate(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -198,7 +198,7 @@ class RetraceStyleGANGenerate(io.ComfyNode):
         return io.NodeOutput(tensor_to_image(image), out)
 
 
-class RetraceGANLatentSave(io.ComfyNode):
+class RetraceGANLatentSave(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return save_schema(GanLatentType.Input("latent", tooltip="From Project, Generate or Load GAN Latent."),
@@ -212,7 +212,7 @@ class RetraceGANLatentSave(io.ComfyNode):
         return save_record(latent, filename_prefix)
 
 
-class RetraceGANLatentLoad(io.ComfyNode):
+class RetraceGANLatentLoad(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -228,7 +228,7 @@ class RetraceGANLatentLoad(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, latent_file: str, **_) -> bool | str:
+    def validate_inputs(cls, latent_file: str) -> bool | str:
         return file_exists(latent_file)
 
     @classmethod
@@ -238,7 +238,7 @@ class RetraceGANLatentLoad(io.ComfyNode):
         return io.NodeOutput(latent)
 
 
-class RetraceGANLatentPick(io.ComfyNode):
+class RetraceGANLatentPick(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -265,7 +265,7 @@ class RetraceGANLatentPick(io.ComfyNode):
         return io.NodeOutput(latent.rows(slice(index, index + count)))
 
 
-class RetraceGANLatentBatch(io.ComfyNode):
+class RetraceGANLatentBatch(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

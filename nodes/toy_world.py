@@ -4,12 +4,12 @@ on pictures whose edits have an exact answer (models/toy_world.py)."""
 from __future__ import annotations
 
 from . import _toy_world as toy
-from ._api import io
+from ._api import RetraceNode, io
 
 CATEGORY = "Retrace/toy world"
 
 
-class RetraceLoadToyWorld(io.ComfyNode):
+class RetraceLoadToyWorld(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

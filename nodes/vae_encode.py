@@ -7,7 +7,7 @@ import comfy.utils
 import torch
 
 from ..inversion.vae_refine import psnr, refine_latent
-from ._api import io, ui
+from ._api import RetraceNode, io, ui
 from ._host import Differentiable
 
 
@@ -48,7 +48,7 @@ def encode_for_inversion(vae, image: torch.Tensor, refine_steps: int, refine_lr:
     return z.detach().to(out_device).clone(), before, after
 
 
-class RetraceVAEEncodeForInversion(io.ComfyNode):
+class RetraceVAEEncodeForInversion(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
