@@ -5,6 +5,7 @@ its min or above its max and an option its combo lacks are refused by the host's
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 from typing import Any
 
@@ -85,7 +86,9 @@ def errors_for(node_id: str, inputs: dict[str, Any]) -> list[dict]:
     validate = execution.validate_inputs
     args = ("retrace-test", prompt, "1", {}) if "prompt_id" in inspect.signature(validate).parameters else (
         prompt, "1", {})
-    _valid, errors, _unique_id = asyncio.run(validate(*args))
+    # A thread of its own: asyncio.run refuses a thread where another layer's event loop still runs.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        _valid, errors, _unique_id = pool.submit(asyncio.run, validate(*args)).result()
     return errors
 
 

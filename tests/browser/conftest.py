@@ -42,7 +42,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_sep("!", reason, red=True, bold=True)
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an event loop running in this thread until it stops, and later
+# layers in the same process (the host's async validation) need the thread without one.
+@pytest.fixture(scope="module")
 def browser_server() -> Iterator[ComfyServer]:
     """A host server of its own: the tiny StyleGAN under the workflows' file name, the workflows' example.png as input,
     and UI settings that skip the first-run template browser."""
@@ -64,7 +66,7 @@ def browser_server() -> Iterator[ComfyServer]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ui(browser_server: ComfyServer) -> Iterator[ComfyUI]:
     with ComfyUI(browser_server.url) as page:
         yield page
