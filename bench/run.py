@@ -289,10 +289,17 @@ def directions_group(quick: bool) -> dict[str, float]:
     return direction_metrics(quick)
 
 
+def quality_group(quick: bool) -> dict[str, float]:
+    ensure_package()
+    from bench.quality import measure
+
+    return measure(6 if quick else 24)
+
+
 GROUPS: dict[str, Callable[[bool], dict[str, float]]] = {
     "oracle": lambda quick: oracle_metrics(), "host": host_metrics, "null_text": null_text_metrics,
     "attention": attention_metrics, "gan": gan_group,
-    "directions": directions_group,
+    "directions": directions_group, "quality": quality_group,
 }
 
 

@@ -530,18 +530,19 @@ def save_direction(path: str | Path, direction: Direction, overwrite: bool = Fal
 def load_direction(path: str | Path) -> Direction:
     """Read a direction written by :func:`save_direction`."""
     path = Path(path)
-    tensors, meta = read_record(path, DIRECTION_FORMAT, "direction", key=FORMAT_KEY)
-    if "vectors" not in tensors:
-        raise ValueError(f"{path.name} holds no 'vectors' tensor (tensors: {sorted(tensors)})")
+    tensors, meta = read_record(path, DIRECTION_FORMAT, "direction", key=FORMAT_KEY, required=("vectors",))
     try:
         layers = json.loads(meta.get("layers", "null"))
         num_ws = int(meta.get("num_ws", "0"))
     except ValueError as e:
         raise ValueError(f"{path.name} has unreadable metadata: {e}") from None
-    return Direction(vectors=tensors["vectors"], space=meta.get("space", ""), method=meta.get("method", ""),
-                     model_id=meta.get("model_id", ""), num_ws=num_ws,
-                     layers=tuple(layers) if layers is not None else None, scales=tensors.get("scales"),
-                     mean=tensors.get("mean"), pooled=tensors.get("pooled"))
+    try:
+        return Direction(vectors=tensors["vectors"], space=meta.get("space", ""), method=meta.get("method", ""),
+                         model_id=meta.get("model_id", ""), num_ws=num_ws,
+                         layers=tuple(layers) if layers is not None else None, scales=tensors.get("scales"),
+                         mean=tensors.get("mean"), pooled=tensors.get("pooled"))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path.name}: {e}; save the direction again with Retrace.") from None
 
 
 def _pick_tensor(items: dict[Any, Any], path: Path) -> Any:

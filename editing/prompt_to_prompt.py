@@ -260,8 +260,14 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
 
 def blend_mask(source_maps: torch.Tensor | None, target_maps: torch.Tensor | None, threshold: float) -> torch.Tensor:
     """P2P's local-blend mask: each word map smoothed by a 3x3 max-pool, normalised, thresholded; the union of
-    the source words' and the target words' masks. Maps are ``[batch, 1, h, w]``."""
-    masks = [(normalise(F.max_pool2d(m, 3, stride=1, padding=1)) > threshold).float()
+    the source words' and the target words' masks. Maps are ``[batch, 1, h, w]``.
+
+    Normalised from its minimum to its peak, not from zero: a real checkpoint's word map is near zero away from
+    the object (the start token takes that attention), so this is P2P's peak normalisation there; a map with a
+    floor (a small model's words attend everywhere a little) would otherwise pass the threshold everywhere."""
+    def ranged(m: torch.Tensor) -> torch.Tensor:
+        return normalise(m - m.flatten(1).amin(dim=1).view(-1, *([1] * (m.ndim - 1))))
+    masks = [(ranged(F.max_pool2d(m, 3, stride=1, padding=1)) > threshold).float()
              for m in (source_maps, target_maps) if m is not None]
     return torch.stack(masks).amax(dim=0)
 

@@ -82,7 +82,10 @@ def save_gan_latent(path: str | Path, latent: GanLatent, overwrite: bool = False
 
 def load_gan_latent(path: str | Path) -> GanLatent:
     """Read a latent written by :func:`save_gan_latent`."""
-    tensors, meta = read_record(path, LATENT_FORMAT, "GAN latent", key=FORMAT_KEY)
+    tensors, meta = read_record(path, LATENT_FORMAT, "GAN latent", key=FORMAT_KEY, required=("ws", "space"))
     noise = {k[len("noise."):]: v for k, v in tensors.items() if k.startswith("noise.")}
-    return GanLatent(ws=tensors["ws"], space=meta["space"], model_id=meta.get("model_id", ""),
-                     family=meta.get("family", ""), noise=noise)
+    try:
+        return GanLatent(ws=tensors["ws"], space=meta["space"], model_id=meta.get("model_id", ""),
+                         family=meta.get("family", ""), noise=noise)
+    except ValueError as e:
+        raise ValueError(f"{Path(path).name}: {e}; save the GAN latent again with Retrace.") from None

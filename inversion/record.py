@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from typing import Any
 
@@ -36,6 +37,7 @@ class Inversion:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}; got {self.family!r}.")
+        check_sigmas(self.sigmas, "inversion")
         if self.trajectory.ndim < 3 or self.trajectory.shape[0] != self.sigmas.shape[0]:
             raise ValueError(
                 f"trajectory {tuple(self.trajectory.shape)} needs one latent per sigma ({tuple(self.sigmas.shape)})."
@@ -76,11 +78,18 @@ class Inversion:
 
     @classmethod
     def load(cls, path: str) -> Inversion:
-        tensors, meta = read_record(path, FORMAT, "inversion")
-        inv = cls(trajectory=tensors["trajectory"], sigmas=tensors["sigmas"], family=meta["family"],
-                  model_name=meta["model_name"], method=meta["method"], guidance=float(meta["guidance"]),
-                  extra=json.loads(meta.get("extra", "{}")))
-        _check_shape_metadata(path, inv.latent_shape, meta)
+        tensors, meta = read_record(path, FORMAT, "inversion",
+                                    required=("trajectory", "sigmas", "family", "model_name", "method"))
+        try:
+            inv = cls(trajectory=tensors["trajectory"], sigmas=tensors["sigmas"], family=meta["family"],
+                      model_name=meta["model_name"], method=meta["method"],
+                      guidance=meta_field(path, meta, "guidance", _finite_float, "1.0"),
+                      extra=meta_field(path, meta, "extra", _json_dict, "{}"))
+        except ValueError as e:
+            raise ValueError(f"{os.path.basename(path)}: {e} Save the inversion again with Retrace.") from None
+        if "latent_shape" in meta and list(inv.latent_shape) != list(meta_field(path, meta, "latent_shape", _shape)):
+            raise ValueError(f"{os.path.basename(path)} is damaged: its latent shape metadata does not match its "
+                             "tensors; save the inversion again with Retrace.")
         return inv
 
 
@@ -105,6 +114,7 @@ class NullText:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}; got {self.family!r}.")
+        check_sigmas(self.sigmas, "null-text")
         if self.embeddings.ndim != 4 or self.embeddings.shape[0] + 1 != self.sigmas.shape[0]:
             raise ValueError(f"embeddings {tuple(self.embeddings.shape)} need one [B, tokens, width] per step "
                              f"of the {self.sigmas.shape[0] - 1}-step schedule.")
@@ -141,11 +151,15 @@ class NullText:
 
     @classmethod
     def load(cls, path: str) -> NullText:
-        tensors, meta = read_record(path, NULL_TEXT_FORMAT, "null-text")
-        return cls(embeddings=tensors["embeddings"], sigmas=tensors["sigmas"], family=meta["family"],
-                   model_name=meta["model_name"], latent_shape=tuple(json.loads(meta["latent_shape"])),
-                   guidance=float(meta["guidance"]), pooled=tensors.get("pooled"),
-                   extra=json.loads(meta.get("extra", "{}")))
+        tensors, meta = read_record(path, NULL_TEXT_FORMAT, "null-text",
+                                    required=("embeddings", "sigmas", "family", "model_name", "latent_shape"))
+        try:
+            return cls(embeddings=tensors["embeddings"], sigmas=tensors["sigmas"], family=meta["family"],
+                       model_name=meta["model_name"], latent_shape=meta_field(path, meta, "latent_shape", _shape),
+                       guidance=meta_field(path, meta, "guidance", _finite_float, "1.0"),
+                       pooled=tensors.get("pooled"), extra=meta_field(path, meta, "extra", _json_dict, "{}"))
+        except ValueError as e:
+            raise ValueError(f"{os.path.basename(path)}: {e} Save the null-text again with Retrace.") from None
 
 
 def _mismatches(record: Any, kind: str, family: str | None, model_name: str | None,
@@ -191,20 +205,80 @@ def write_record(path: str | os.PathLike, file_format: str, tensors: dict[str, t
               metadata={key: file_format, **meta})
 
 
-def read_record(path: str | os.PathLike, file_format: str, kind: str, key: str = "format"
-                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of a record written by :func:`write_record`; refuses another format."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get(key) != file_format:
-            raise ValueError(f"{path} is not a Retrace {kind} file (format {meta.get(key)!r}, "
-                             f"expected {file_format!r}).")
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+def read_record(path: str | os.PathLike, file_format: str, kind: str, key: str = "format",
+                required: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a record written by :func:`write_record`. Refuses, naming the file and the
+    field: a file that is not safetensors (or is truncated), another format, a missing ``required`` tensor or
+    metadata field, and a tensor holding NaN or infinity."""
+    name = os.path.basename(os.fspath(path))
+    fix = f"save the {kind} again with Retrace (a record edited or cut short by hand cannot be trusted)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get(key) != file_format:
+                found = f"format {meta[key]!r}" if key in meta else "its metadata names no Retrace format"
+                raise ValueError(f"{name} is not a Retrace {kind} file ({found}; a {kind} file has {key} "
+                                 f"{file_format!r}). Pick a {kind} file Retrace saved.")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ValueError(f"{name} cannot be read as a Retrace {kind} file ({type(e).__name__}: {e}); {fix}.") from None
+    missing = [k for k in required if k not in tensors and k not in meta]
+    if missing:
+        raise ValueError(f"{name} lacks {', '.join(repr(k) for k in missing)} (has tensors {sorted(tensors)}, "
+                         f"metadata {sorted(meta)}); {fix}.")
+    bad = [k for k, v in sorted(tensors.items()) if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{name} holds NaN or infinite values in {', '.join(repr(k) for k in bad)}; {fix}.")
+    return tensors, meta
 
 
-def _check_shape_metadata(path: str, latent_shape: tuple[int, ...], meta: dict[str, str]) -> None:
-    if list(latent_shape) != json.loads(meta["latent_shape"]):
-        raise ValueError(f"{path} is damaged: its latent shape metadata does not match its tensors.")
+def meta_field(path: str | os.PathLike, meta: dict[str, str], field: str, parse: Any, default: str | None = None
+               ) -> Any:
+    """``parse(meta[field])``, or a ValueError naming the file and the field when it is missing or unreadable."""
+    name = os.path.basename(os.fspath(path))
+    if field not in meta and default is None:
+        raise ValueError(f"{name} lacks the metadata field {field!r}; save the record again with Retrace.")
+    raw = meta.get(field, default)
+    try:
+        return parse(raw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name}: metadata field {field!r} is unreadable ({raw[:80]!r}: {e}); save the record "
+                         "again with Retrace.") from None
+
+
+def check_sigmas(sigmas: torch.Tensor, what: str) -> None:
+    """A record's schedule: 1-D, at least two sigmas, finite, not negative, strictly ascending."""
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+        raise ValueError(f"{what}: sigmas must be a 1-D schedule of at least two values; got shape "
+                         f"{tuple(sigmas.shape)}.")
+    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
+        raise ValueError(f"{what}: sigmas must be finite and not negative; got {sigmas.tolist()[:8]}.")
+    if not bool((sigmas[1:] > sigmas[:-1]).all()):
+        raise ValueError(f"{what}: sigmas must ascend (index 0 the clean image, -1 the noise); got "
+                         f"{sigmas.tolist()[:8]}.")
+
+
+def _json_dict(raw: str) -> dict:
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _finite_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _shape(raw: str) -> tuple[int, ...]:
+    value = json.loads(raw)
+    if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ValueError("expected a list of positive integers")
+    return tuple(value)
 
 
 # The metadata keys that name a record's format: inversions and null-text use "format", GAN latents and

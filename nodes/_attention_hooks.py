@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import comfy.patcher_extension
@@ -159,6 +159,7 @@ class Run:
     latent_shape: tuple[int, ...] | None = None
     blend_source: torch.Tensor | None = None
     blend_target: torch.Tensor | None = None
+    blend_coverage: list[float] = field(default_factory=list)
     warned: bool = False
 
     @property
@@ -323,6 +324,26 @@ def source_branch_options(model_options: dict) -> dict:
     return {**model_options, "transformer_options": options}
 
 
+# A local-blend mask this full (or this empty) blends nothing: the edit passes everywhere (or nowhere).
+BLEND_FULL, BLEND_EMPTY = 0.9, 0.01
+
+
+def report_blend_coverage(coverage: list[float], threshold: float) -> None:
+    """Warn when the blend mask covered (nearly) the whole latent or nothing, with the fraction it covered."""
+    if not coverage:
+        return
+    mean = sum(coverage) / len(coverage)
+    if mean >= BLEND_FULL:
+        log.warning("Retrace Attention Inject: the local-blend mask covered %.0f%% of the latent (mean over %d "
+                    "steps at threshold %.2f), so the blend kept almost nothing of the source; the words' attention "
+                    "is not localised in this model. Raise blend_threshold, or look at the words' maps with Retrace "
+                    "Attention Maps.", 100 * mean, len(coverage), threshold)
+    elif mean <= BLEND_EMPTY:
+        log.warning("Retrace Attention Inject: the local-blend mask covered %.1f%% of the latent (mean over %d "
+                    "steps at threshold %.2f), so the edit was blended away; lower blend_threshold.",
+                    100 * mean, len(coverage), threshold)
+
+
 class AttentionInjector(AttentionHook):
     """Edits the conditional rows' attention from a filled store (or reweights without one)."""
 
@@ -353,6 +374,9 @@ class AttentionInjector(AttentionHook):
         if self.run.blend_source is None and self.run.blend_target is None:
             return out
         mask = p2p.blend_mask(self.run.blend_source, self.run.blend_target, settings.blend_threshold)
+        self.run.blend_coverage.append(float(mask.mean()))
+        if step == self.run.steps - 1:
+            report_blend_coverage(self.run.blend_coverage, settings.blend_threshold)
         return p2p.local_blend(out, self.store.denoised[step].to(out), mask)
 
     def _accumulate(self, which: str, maps: torch.Tensor | None, positions: tuple[int, ...], spec: LayerSpec) -> None:

@@ -118,7 +118,7 @@ def word_token_ids(clip: Any, word: str, key: str) -> list[int]:
     return [token_id for token_id, word_id in _words(raw[key], None, 1)[0] if word_id != 0]
 
 
-def word_positions(clip: Any, text: str, context_length: int, words: str) -> list[int]:
+def word_positions(clip: Any, text: str, context_length: int, words: str, warn: bool = True) -> list[int]:
     """Positions in the context sequence of all occurrences of the comma-separated ``words`` ("dog, red hat").
 
     Every word is searched in each chosen encoder's segment of the sequence. Returns sorted positions; ``[]``
@@ -129,12 +129,13 @@ def word_positions(clip: Any, text: str, context_length: int, words: str) -> lis
     segments = _segments(clip, text, context_length)
     found: set[int] = set()
     for word in wanted:
-        hits = []
+        hits: list[int] = []
         for key, start, tokens in segments:
             try:
                 hits += [start + p for p in find_word(tokens, word_token_ids(clip, word, key), word)]
             except AlignmentError:
-                log.warning("Retrace: '%s' is not among the '%s' tokens of the prompt %r", word, key, text)
+                if warn:
+                    log.warning("Retrace: '%s' is not among the '%s' tokens of the prompt %r", word, key, text)
         if not hits:
             raise AlignmentError(f"the word {word!r} is not in the prompt {text!r}; give words that the prompt "
                                  f"contains, separated by commas.")

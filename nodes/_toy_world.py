@@ -79,10 +79,12 @@ def build_unet(config: dict | None = None, dtype: torch.dtype = torch.float32) -
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
-def build_clip(config: dict | None = None) -> comfy.sd.CLIP:
+def build_clip(config: dict | None = None, dtype: torch.dtype | None = None) -> comfy.sd.CLIP:
+    """A host CLIP around the toy text model; ``dtype`` None: the host's text-encoder dtype (fp16 even on CPU, which
+    is right for inference and wrong for training: Adam's state underflows in fp16)."""
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
                                                     text_encoder_class(dict(config or TEXT_CONFIG)))
-    return comfy.sd.CLIP(target, embedding_directory=None)
+    return comfy.sd.CLIP(target, embedding_directory=None, model_options={} if dtype is None else {"dtype": dtype})
 
 
 def build_vae(state: dict[str, torch.Tensor], config: dict | None = None) -> comfy.sd.VAE:

@@ -72,7 +72,8 @@ def _blend_positions(pair: PromptPair, words: str) -> tuple[tuple[int, ...], tup
         found = False
         for text, length, out in ((pair.source, pair.source_length, source), (pair.target, pair.target_length, target)):
             try:
-                out.extend(word_positions(pair.clip, text, length, word))
+                # A swapped word is in one prompt only: the normal case, not worth a warning.
+                out.extend(word_positions(pair.clip, text, length, word, warn=False))
                 found = True
             except AlignmentError:
                 pass

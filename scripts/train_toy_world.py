@@ -93,6 +93,8 @@ def train_vae(steps: int, batch: int, seed: int) -> torch.nn.Module:
         # Noise on the latent makes the decoder robust to the small errors a diffusion model leaves.
         noisy = z + 0.05 * z.detach().std() * torch.randn(z.shape, generator=generator)
         loss = torch.nn.functional.mse_loss(vae.decode(noisy), x) + 1e-4 * z.square().mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"vae step {step}: loss {float(loss)}; the run diverged (nothing written)")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -112,6 +114,17 @@ def train_vae(steps: int, batch: int, seed: int) -> torch.nn.Module:
     return vae
 
 
+def vae_of(path: Path) -> torch.nn.Module:
+    """The VAE part of a toy world file (to train the diffusion stage again without the VAE stage)."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from safetensors.torch import load_file
+
+    state = {k[len("vae."):]: v.float() for k, v in load_file(str(path)).items() if k.startswith("vae.")}
+    vae = AutoencoderKL(**toy.VAE_CONFIG)
+    vae.load_state_dict(state, strict=True)
+    return vae.eval()
+
+
 def token_ids(clip, prompts: list[str]) -> dict[str, list[int]]:
     """Each distinct prompt's 77 token ids from the host's SD1 tokenizer (tokenising is the slow part: once)."""
     return {p: [int(t) for t, _w in clip.tokenize(p)["l"][0]] for p in sorted(set(prompts))}
@@ -125,7 +138,7 @@ def encode_prompts(clip, ids: list[list[int]]) -> torch.Tensor:
 def train_diffusion(vae: torch.nn.Module, steps: int, batch: int, seed: int) -> tuple:
     generator = torch.Generator().manual_seed(seed)
     patcher = toy.build_unet()
-    clip = toy.build_clip()
+    clip = toy.build_clip(dtype=torch.float32)
     unet, text = toy.unet_module(patcher), toy.text_module(clip)
     init_weights(unet, generator)
     init_weights(text, generator)
@@ -161,6 +174,8 @@ def train_diffusion(vae: torch.nn.Module, steps: int, batch: int, seed: int) -> 
             loss = torch.nn.functional.mse_loss(eps, noise)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"unet step {step}: loss {float(loss)}; the run diverged (nothing written)")
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimiser.step()
         schedule.step()
@@ -237,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", type=int, default=48, help="scenes generated for the read-back check")
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (plumbing only)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-from", type=Path, help="take the VAE from this toy world file (skips the VAE stage)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     torch.set_num_threads(2)
@@ -244,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.vae_steps, args.unet_steps, args.check = 20, 20, 3
     start = time.monotonic()
-    vae = train_vae(args.vae_steps, 16, args.seed)
+    vae = vae_of(args.vae_from) if args.vae_from else train_vae(args.vae_steps, 16, args.seed)
     vae_time = time.monotonic() - start
     patcher, clip = train_diffusion(vae, args.unet_steps, args.batch, args.seed)
     train_time = time.monotonic() - start
