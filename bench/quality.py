@@ -83,27 +83,31 @@ def p2p(world: World, inversion: Any, pair: tuple, guider_for: Callable[[Any, li
     return Edited(source["samples"], edit["samples"])
 
 
-def ddim(world: World, latent: torch.Tensor, pair: tuple, **inject: Any) -> Edited:
-    from retrace.nodes._host import make_guider
+def inverted(world: World, latent: torch.Tensor, pair: tuple) -> Any:
+    """DDIM inversion of ``latent`` with the source prompt at guidance 1 (every pipeline's start)."""
     from retrace.nodes.inversion import invert
 
-    _, inversion = invert(world.model, {"samples": latent}, pair[0], None, STEPS, 1.0, "normal")
+    return invert(world.model, {"samples": latent}, pair[0], None, STEPS, 1.0, "normal")[1]
+
+
+def ddim(world: World, latent: torch.Tensor, pair: tuple, **inject: Any) -> Edited:
+    from retrace.nodes._host import make_guider
+
+    inversion = inverted(world, latent, pair)
     return p2p(world, inversion, pair, lambda m, pos, _src: make_guider(m, pos, world.empty, GUIDANCE), **inject)
 
 
 def negative_prompt(world: World, latent: torch.Tensor, pair: tuple, **inject: Any) -> Edited:
     from retrace.nodes._host import make_guider
-    from retrace.nodes.inversion import invert
 
-    _, inversion = invert(world.model, {"samples": latent}, pair[0], None, STEPS, 1.0, "normal")
+    inversion = inverted(world, latent, pair)
     return p2p(world, inversion, pair, lambda m, pos, src: make_guider(m, pos, src, GUIDANCE), **inject)
 
 
 def direct(world: World, latent: torch.Tensor, pair: tuple, **inject: Any) -> Edited:
-    from retrace.nodes.inversion import invert
     from retrace.nodes.inversion_guiders import DirectInversionGuider
 
-    _, inversion = invert(world.model, {"samples": latent}, pair[0], None, STEPS, 1.0, "normal")
+    inversion = inverted(world, latent, pair)
     return p2p(world, inversion, pair,
                lambda m, pos, src: DirectInversionGuider(m, inversion, pos, src, world.empty, GUIDANCE), **inject)
 

@@ -265,10 +265,8 @@ def blend_mask(source_maps: torch.Tensor | None, target_maps: torch.Tensor | Non
     Normalised from its minimum to its peak, not from zero: a real checkpoint's word map is near zero away from
     the object (the start token takes that attention), so this is P2P's peak normalisation there; a map with a
     floor (a small model's words attend everywhere a little) would otherwise pass the threshold everywhere."""
-    def ranged(m: torch.Tensor) -> torch.Tensor:
-        return normalise(m - m.flatten(1).amin(dim=1).view(-1, *([1] * (m.ndim - 1))))
-    masks = [(ranged(F.max_pool2d(m, 3, stride=1, padding=1)) > threshold).float()
-             for m in (source_maps, target_maps) if m is not None]
+    smoothed = [F.max_pool2d(m, 3, stride=1, padding=1) for m in (source_maps, target_maps) if m is not None]
+    masks = [(normalise(m - m.amin(dim=(-2, -1), keepdim=True)) > threshold).float() for m in smoothed]
     return torch.stack(masks).amax(dim=0)
 
 

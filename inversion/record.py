@@ -236,11 +236,10 @@ def read_record(path: str | os.PathLike, file_format: str, kind: str, key: str =
 
 def meta_field(path: str | os.PathLike, meta: dict[str, str], field: str, parse: Any, default: str | None = None
                ) -> Any:
-    """``parse(meta[field])``, or a ValueError naming the file and the field when it is missing or unreadable."""
+    """``parse(meta[field])`` (``default`` where the field is absent; a required field is :func:`read_record`'s to
+    check), or a ValueError naming the file and the field when it is unreadable."""
     name = os.path.basename(os.fspath(path))
-    if field not in meta and default is None:
-        raise ValueError(f"{name} lacks the metadata field {field!r}; save the record again with Retrace.")
-    raw = meta.get(field, default)
+    raw = meta[field] if default is None else meta.get(field, default)
     try:
         return parse(raw)
     except (ValueError, TypeError) as e:

@@ -93,8 +93,7 @@ def train_vae(steps: int, batch: int, seed: int) -> torch.nn.Module:
         # Noise on the latent makes the decoder robust to the small errors a diffusion model leaves.
         noisy = z + 0.05 * z.detach().std() * torch.randn(z.shape, generator=generator)
         loss = torch.nn.functional.mse_loss(vae.decode(noisy), x) + 1e-4 * z.square().mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"vae step {step}: loss {float(loss)}; the run diverged (nothing written)")
+        check_finite(loss, "vae", step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -114,14 +113,19 @@ def train_vae(steps: int, batch: int, seed: int) -> torch.nn.Module:
     return vae
 
 
-def vae_of(path: Path) -> torch.nn.Module:
-    """The VAE part of a toy world file (to train the diffusion stage again without the VAE stage)."""
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from safetensors.torch import load_file
+def check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage} step {step}: loss {float(loss)}; the run diverged (nothing written)")
 
-    state = {k[len("vae."):]: v.float() for k, v in load_file(str(path)).items() if k.startswith("vae.")}
+
+def vae_of(path: Path) -> torch.nn.Module:
+    """The VAE part of a toy world file, read and checked as the loader reads it (to train the diffusion stage
+    again without the VAE stage)."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    parts, _configs = toy.read_weights(path, "sd15")
     vae = AutoencoderKL(**toy.VAE_CONFIG)
-    vae.load_state_dict(state, strict=True)
+    vae.load_state_dict({k: v.float() for k, v in parts["vae"].items()}, strict=True)
     return vae.eval()
 
 
@@ -174,8 +178,7 @@ def train_diffusion(vae: torch.nn.Module, steps: int, batch: int, seed: int) -> 
             loss = torch.nn.functional.mse_loss(eps, noise)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"unet step {step}: loss {float(loss)}; the run diverged (nothing written)")
+        check_finite(loss, "unet", step)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimiser.step()
         schedule.step()
