@@ -12,6 +12,8 @@ HOST ?=
 PORT ?= 8188
 CKPT ?=
 IMAGE ?=
+SOURCE ?=
+TARGET ?=
 QUICK ?=
 
 host_name = $(if $(findstring :,$(1)),custom-$(shell printf '%s' '$(1)' | sha1sum | cut -c1-12),$(1))
@@ -59,7 +61,8 @@ thumbnails: setup
 	RETRACE_HOST=$(HOSTDIR) $(VPY) -m scripts.browser thumbnails
 
 demo: setup
-	RETRACE_HOST=$(HOSTDIR) $(VPY) -m scripts.demo --ckpt "$(CKPT)" --image "$(IMAGE)" --out demo_out
+	RETRACE_HOST=$(HOSTDIR) $(VPY) -m scripts.demo --ckpt "$(CKPT)" --image "$(IMAGE)" --source "$(SOURCE)" \
+	  --target "$(TARGET)" --out demo_out
 
 bench: setup
 	RETRACE_HOST=$(HOSTDIR) $(VPY) -m bench.run $(if $(QUICK),--quick,)

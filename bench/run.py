@@ -326,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "latest.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     lines = ["| metric | value | what |", "|---|---|---|"]
     from bench.gan import DESCRIPTIONS as GAN_DESCRIPTIONS
+    from bench.quality import DESCRIPTIONS as QUALITY_DESCRIPTIONS
 
-    described = {**DESCRIPTIONS, **GAN_DESCRIPTIONS}
+    described = {**DESCRIPTIONS, **GAN_DESCRIPTIONS, **QUALITY_DESCRIPTIONS}
     lines += [f"| {k} | {v:.4g} | {described.get(k, '')} |" for k, v in metrics.items()]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

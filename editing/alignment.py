@@ -11,6 +11,7 @@ be cut in two by a chunk boundary (its tokens keep one word id).
   (Needleman-Wunsch) alignment of the token ids.
 - :func:`find_word`: where a word's tokens stand (P2P's ``get_word_inds``, in token terms) for reweighting
   and local blending.
+- :func:`changed_tokens`: the word tokens an edit changes, in each prompt (local blend's automatic words).
 
 No ComfyUI import here.
 """
@@ -159,6 +160,22 @@ def refine_alignment(source: Sequence[Token], target: Sequence[Token], *, match:
             alphas[j] = 1.0
     log.debug("refine alignment: %d of %d target tokens kept from the source", int(alphas.sum()), len(target_ids))
     return index, alphas
+
+
+def changed_tokens(source: Sequence[Token], target: Sequence[Token]) -> tuple[list[int], list[int]]:
+    """The word tokens the edit changes: source positions and target positions that the global alignment of
+    :func:`refine_alignment` does not pair with the same token. A swapped word is changed in both prompts, an added
+    word in the target only, a removed one in the source only; special tokens never count. Unlike a word searched
+    by :func:`find_word`, a word that also stands elsewhere unchanged ("a red cube and a red ball" -> "a blue cube
+    and a red ball") counts only where it changes.
+    """
+    source_ids, source_words = _split(source, "source")
+    target_ids, target_words = _split(target, "target")
+    kept = [(i, j) for i, j in _global_alignment(source_ids, target_ids, 1, -1, 0) if source_ids[i] == target_ids[j]]
+    kept_source = {i for i, _ in kept}
+    kept_target = {j for _, j in kept}
+    return ([i for i, w in enumerate(source_words) if w and i not in kept_source],
+            [j for j, w in enumerate(target_words) if w and j not in kept_target])
 
 
 def find_word(tokens: Sequence[Token], word_token_ids: Sequence[int], word: Optional[str] = None) -> list[int]:

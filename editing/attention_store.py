@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -137,6 +137,11 @@ def bytes_per_step(specs: Sequence[LayerSpec], settings: StoreSettings, images: 
     return numel * itemsize * images
 
 
+def same_origin(a: tuple, b: tuple) -> bool:
+    """Whether two tuples hold the very same objects (numbers: equal values) in the same order."""
+    return len(a) == len(b) and all(x == y if isinstance(x, (int, float)) else x is y for x, y in zip(a, b))
+
+
 @dataclass
 class AttentionStore:
     """What one sampling run's chosen attention layers saw, per step, for the conditional images.
@@ -154,6 +159,9 @@ class AttentionStore:
     layers: dict[int, tuple[str, ...]] = field(default_factory=dict)
     entries: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     denoised: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Estimates a guider computed during the run for its edit pass to reuse: key -> (what they were computed
+    # from, per step). Direct inversion's source branch is one (the edit pass would evaluate it again).
+    branches: dict[str, tuple[Any, dict[int, torch.Tensor]]] = field(default_factory=dict)
     complete: bool = False
     runs: int = 0
 
@@ -170,7 +178,7 @@ class AttentionStore:
         self.latent_shape = tuple(int(n) for n in latent_shape)
         self.sigmas = sigmas.detach().to("cpu", torch.float64).clone()
         self.specs, self.layers = None, {}
-        self.entries, self.denoised = {}, {}
+        self.entries, self.denoised, self.branches = {}, {}, {}
         self.complete = False
         self.runs += 1
 
@@ -179,7 +187,8 @@ class AttentionStore:
         self.specs = list(specs)
         self.layers = plan_layers(self.specs, self.settings)
         per_step = bytes_per_step(self.specs, self.settings, images)
-        latents = 4 * images * math.prod(self.latent_shape[1:]) if self.latent_shape else 0
+        # Two float32 latents per step: the denoised estimate and one guider branch (put_branch).
+        latents = 2 * 4 * images * math.prod(self.latent_shape[1:]) if self.latent_shape else 0
         total = (per_step + latents) * self.steps
         if total > self.settings.budget_bytes:
             raise AttentionBudgetError(
@@ -197,6 +206,18 @@ class AttentionStore:
 
     def put_denoised(self, step: int, denoised: torch.Tensor) -> None:
         self.denoised[step] = denoised.detach().to("cpu", torch.float32, copy=True)
+
+    def put_branch(self, key: str, made_from: tuple, step: int, estimate: torch.Tensor) -> None:
+        """Keep a guider's estimate of ``step``, computed from ``made_from``: the objects (compared by identity)
+        and numbers (by value) it depends on."""
+        if key not in self.branches or not same_origin(self.branches[key][0], made_from):
+            self.branches[key] = (made_from, {})
+        self.branches[key][1][step] = estimate.detach().to("cpu", torch.float32, copy=True)
+
+    def branch(self, key: str, made_from: tuple, step: int) -> torch.Tensor | None:
+        """The estimate :meth:`put_branch` kept for ``step`` from the same ``made_from``; None otherwise."""
+        kept = self.branches.get(key)
+        return kept[1].get(step) if kept is not None and same_origin(kept[0], made_from) else None
 
     def get(self, step: int, layer: int) -> dict[str, torch.Tensor] | None:
         return self.entries.get((step, layer))

@@ -208,7 +208,7 @@ def attributes_of(scene: Scene) -> dict[str, str]:
 
 def psnr(a: torch.Tensor, b: torch.Tensor, peak: float, mask: torch.Tensor | None = None) -> float:
     """PSNR in dB of ``a`` against ``b`` with the given peak, over ``mask`` (broadcast; None: everywhere)."""
-    error = (a.float() - b.float()).square()
+    error = (a.detach().float() - b.detach().float()).square()
     if mask is not None:
         mask = mask.to(error).expand_as(error)
         mse = float((error * mask).sum() / mask.sum().clamp_min(1))

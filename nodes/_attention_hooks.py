@@ -160,6 +160,7 @@ class Run:
     blend_source: torch.Tensor | None = None
     blend_target: torch.Tensor | None = None
     blend_coverage: list[float] = field(default_factory=list)
+    blend_mask: torch.Tensor | None = None  # the last step's local-blend mask, [images, 1, h, w] on the CPU
     warned: bool = False
 
     @property
@@ -318,6 +319,12 @@ def records_attention(model_options: dict) -> bool:
                       AttentionRecorder)
 
 
+def store_of(model_options: dict) -> AttentionStore | None:
+    """The attention store a model's Retrace recorder fills or its inject reads; None without either."""
+    hook = model_options.get("transformer_options", {}).get("optimized_attention_override")
+    return getattr(hook, "store", None) if isinstance(hook, (AttentionRecorder, AttentionInjector)) else None
+
+
 def source_branch_options(model_options: dict) -> dict:
     """A copy of ``model_options`` whose model calls attention hooks leave alone."""
     options = {**model_options.get("transformer_options", {}), BRANCH_KEY: SOURCE_BRANCH}
@@ -335,9 +342,9 @@ def report_blend_coverage(coverage: list[float], threshold: float) -> None:
     mean = sum(coverage) / len(coverage)
     if mean >= BLEND_FULL:
         log.warning("Retrace Attention Inject: the local-blend mask covered %.0f%% of the latent (mean over %d "
-                    "steps at threshold %.2f), so the blend kept almost nothing of the source; the words' attention "
-                    "is not localised in this model. Raise blend_threshold, or look at the words' maps with Retrace "
-                    "Attention Maps.", 100 * mean, len(coverage), threshold)
+                    "steps at threshold %.2f), so the blend kept almost nothing of the source. That is expected for a "
+                    "word that fills the picture (a background); otherwise the words' attention is not localised in "
+                    "this model. Raise blend_threshold, or look at the words' maps with Retrace Attention Maps.", 100 * mean, len(coverage), threshold)
     elif mean <= BLEND_EMPTY:
         log.warning("Retrace Attention Inject: the local-blend mask covered %.1f%% of the latent (mean over %d "
                     "steps at threshold %.2f), so the edit was blended away; lower blend_threshold.",
@@ -375,6 +382,7 @@ class AttentionInjector(AttentionHook):
             return out
         mask = p2p.blend_mask(self.run.blend_source, self.run.blend_target, settings.blend_threshold)
         self.run.blend_coverage.append(float(mask.mean()))
+        self.run.blend_mask = mask.detach().to("cpu", torch.float32)
         if step == self.run.steps - 1:
             report_blend_coverage(self.run.blend_coverage, settings.blend_threshold)
         return p2p.local_blend(out, self.store.denoised[step].to(out), mask)

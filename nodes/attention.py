@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..editing.alignment import AlignmentError, refine_alignment, replace_mapper
+from ..editing.alignment import AlignmentError, changed_tokens, refine_alignment, replace_mapper
 from ..editing.attention_store import AttentionStore, StoreSettings, parse_layers
 from ..editing.prompt_to_prompt import InjectSettings, TokenEdit, stored_word_maps
 from ._api import RetraceNode, io
@@ -62,8 +62,15 @@ def _positions(clip: Any, text: str, length: int, words: str) -> list[int]:
     return word_positions(clip, text, length, words) if words.strip() else []
 
 
+AUTO_BLEND = "auto"
+
+
 def _blend_positions(pair: PromptPair, words: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Each blend word's positions in the source and in the target prompt (a word may be in one of them)."""
+    """Each blend word's positions in the source and in the target prompt (a word may be in one of them); for
+    ``auto``, the tokens the pair changes."""
+    if words.strip().lower() == AUTO_BLEND:
+        source_changed, target_changed = changed_tokens(pair.source_tokens, pair.target_tokens)
+        return tuple(source_changed), tuple(target_changed)
     source: list[int] = []
     target: list[int] = []
     for word in (w.strip() for w in words.split(",")):
@@ -234,10 +241,11 @@ class RetraceAttentionInject(RetraceNode):
                 io.Float.Input("reweight_factor", default=1.0, min=-10.0, max=10.0, step=0.1,
                                tooltip="Scale of the reweighted words' attention (P2P uses -2 to 5; 1 changes "
                                        "nothing)."),
-                io.String.Input("blend_words", default="",
+                io.String.Input("blend_words", default=AUTO_BLEND,
                                 tooltip="Local blend: comma-separated words (from either prompt, e.g. 'cat, dog') "
                                         "whose attention marks the region to edit; outside it the image follows the "
-                                        "source pass. Empty: no blend."),
+                                        "source pass. auto (the default): the words the pair changes, only where "
+                                        "they change. Empty: no blend."),
                 io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.05,
                                tooltip="Local blend: fraction of the peak attention that counts as inside (P2P: 0.3)."),
                 io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.05,
@@ -357,6 +365,45 @@ class RetraceAttentionMaps(RetraceNode):
         return io.NodeOutput(heat, masks)
 
 
+class RetraceBlendMask(RetraceNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RetraceBlendMask",
+            display_name="Retrace Blend Mask",
+            category=CATEGORY,
+            description="The local-blend mask an edit pass used (its last step's), as a MASK at pixel size: where the "
+                        "edit was allowed to change the picture. Shows whether the blend words' attention marked "
+                        "the object or spread over everything.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL from Retrace Attention Inject (with blend words) that the "
+                                                "edit pass sampled with."),
+                io.Latent.Input("samples", tooltip="The edit pass's output latent (so the mask is read after it)."),
+            ],
+            outputs=[io.Mask.Output("mask", display_name="mask",
+                                    tooltip="1 where the edit passed, 0 where the source was kept; one per image. "
+                                            "Connect to Mask To Image and Preview Image, or use it as a mask.")],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, samples: dict) -> io.NodeOutput:
+        hook = model.model_options.get("transformer_options", {}).get("optimized_attention_override")
+        if not isinstance(hook, AttentionInjector):
+            raise ValueError("Retrace Blend Mask: this model carries no Retrace Attention Inject; connect the MODEL "
+                             "output of Attention Inject that the edit pass sampled with.")
+        if not hook.settings.blends:
+            raise ValueError("Retrace Blend Mask: the inject has no local blend (blend_words is empty, or auto found "
+                             "no changed word); set blend_words on Retrace Attention Inject.")
+        mask = hook.run.blend_mask
+        latent = samples["samples"]
+        if mask is None or tuple(hook.run.latent_shape or ()) != tuple(latent.shape):
+            raise ValueError("Retrace Blend Mask: no edit pass has been sampled with this model yet (or it sampled "
+                             "another latent); connect the edit pass's output latent to samples.")
+        height, width = latent.shape[-2] * 8, latent.shape[-1] * 8  # the VAE's 8x of every supported family
+        pixels = torch.nn.functional.interpolate(mask, size=(height, width), mode="nearest")[:, 0]
+        return io.NodeOutput(pixels)
+
+
 def _colormap(maps: torch.Tensor) -> torch.Tensor:
     """``[n, h, w]`` in [0, 1] to a blue-to-red IMAGE ``[n, h, w, 3]`` (a jet-like ramp)."""
     x = maps.unsqueeze(-1)
@@ -364,4 +411,4 @@ def _colormap(maps: torch.Tensor) -> torch.Tensor:
     return (1.5 - (4 * x - 4 * centres).abs()).clamp(0, 1)
 
 
-NODES = [RetracePromptPair, RetraceAttentionStore, RetraceAttentionInject, RetraceAttentionMaps]
+NODES = [RetracePromptPair, RetraceAttentionStore, RetraceAttentionInject, RetraceAttentionMaps, RetraceBlendMask]

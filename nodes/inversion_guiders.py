@@ -9,12 +9,15 @@ import comfy.samplers
 from ..inversion.direct import corrected_denoised, trajectory_denoised
 from ..inversion.record import Inversion, fingerprint
 from ._api import RetraceNode, io
-from ._attention_hooks import records_attention, source_branch_options
+from ._attention_hooks import records_attention, source_branch_options, store_of
 from ._guidance import ScheduledGuider
 from ._host import Inversion as InversionType, check_fits, check_steps_and_guidance, make_guider
 from .null_text import SCHEDULE_FIX
 
 GUIDANCE_TOOLTIP = "Classifier-free guidance to reconstruct or edit with (7.5 in the papers)."
+
+
+SOURCE_BRANCH = "direct_inversion_source"
 
 
 class DirectInversionGuider(ScheduledGuider):
@@ -32,6 +35,9 @@ class DirectInversionGuider(ScheduledGuider):
         self.on_path = inversion.trajectory.flip(0)[:-1]  # the inverted latent each sampling step starts from
         self.targets = trajectory_denoised(inversion.trajectory, inversion.sigmas)
         self.reconstructs = positive is source
+        # What the source branch's estimates depend on: the source pass keeps them in its attention store, and an
+        # edit pass from the same inversion, prompts and guidance reuses them instead of calling the model again.
+        self.branch_origin = (inversion, source, negative, float(guidance))
         self.inner_set_conds({"positive": positive, "source": source, "negative": negative})
         self.set_cfg(guidance)
 
@@ -42,12 +48,19 @@ class DirectInversionGuider(ScheduledGuider):
         if self.reconstructs and not recording:  # the source branch is the inverted trajectory: its estimate is D*
             return target
         negative = self.conds.get("negative")
-        # The source branch on the trajectory: an attention store records it when reconstructing; otherwise it is
-        # marked, so that neither a store nor an inject touches it.
-        branch = model_options if self.reconstructs else source_branch_options(model_options)
-        source = comfy.samplers.sampling_function(self.inner_model, self.on_path[k].to(x), timestep, negative,
-                                                  self.conds["source"], self.cfg, model_options=branch, seed=seed)
+        store = store_of(model_options)
+        source = None if store is None or recording else store.branch(SOURCE_BRANCH, self.branch_origin, k)
+        if source is None:
+            # The source branch on the trajectory: an attention store records it when reconstructing; otherwise it
+            # is marked, so that neither a store nor an inject touches it.
+            branch = model_options if self.reconstructs else source_branch_options(model_options)
+            source = comfy.samplers.sampling_function(self.inner_model, self.on_path[k].to(x), timestep, negative,
+                                                      self.conds["source"], self.cfg, model_options=branch, seed=seed)
+        else:
+            source = source.to(x)
         if self.reconstructs:
+            if store is not None and recording:
+                store.put_branch(SOURCE_BRANCH, self.branch_origin, k, source)
             return target
         denoised = comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, self.conds["positive"],
                                                     self.cfg, model_options=model_options, seed=seed)

@@ -25,14 +25,32 @@ def register_folder() -> None:
              os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
 
 
+# A file name's part from the prefix: the counter and extension add 18 characters, and file systems allow 255.
+MAX_NAME = 200
+
+
 def free_path(filename_prefix: str) -> tuple[str, str]:
-    """A path under the output directory that does not exist yet, and its name relative to output/retrace."""
+    """A path under the output directory that does not exist yet (not even as a dangling link), and its name
+    relative to output/retrace. The folder's real path (links resolved) must lie inside the output directory."""
+    if "\x00" in filename_prefix:
+        raise ValueError(f"filename_prefix {filename_prefix!r} holds a NUL character; use letters, digits, '_', '-' "
+                         f"and '/' for subfolders.")
+    name_part = filename_prefix.replace("\\", "/").rsplit("/", 1)[-1]
+    if len(name_part) > MAX_NAME:
+        raise ValueError(f"filename_prefix's file name is {len(name_part)} characters long; at most {MAX_NAME} fit a "
+                         f"file name. Shorten it.")
     out_dir = os.path.join(folder_paths.get_output_directory(), OUTPUT_SUBFOLDER)
+    root = os.path.realpath(folder_paths.get_output_directory())
+    # Checked before the host's own check (newer hosts have one, with a bare message; older ones none).
+    real = os.path.realpath(os.path.join(out_dir, os.path.dirname(os.path.normpath(filename_prefix))))
+    if os.path.commonpath([root, real]) != root:
+        raise ValueError(f"filename_prefix {filename_prefix!r} leads to {real}, outside the output folder {root} "
+                         f"(through '..' or a symbolic link); choose a prefix whose folders are inside the output folder.")
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
     while True:
         file = f"{name}_{counter:05}.safetensors"
         path = os.path.join(folder, file)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             return path, os.path.join(subfolder, file)
         counter += 1
 

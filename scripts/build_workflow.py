@@ -179,6 +179,9 @@ def _attention_front(loaders: list[Node], model: tuple[int, int], clip: tuple[in
 
 SD15 = [Node(1, "CheckpointLoaderSimple", (40, 160), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"})]
 SDXL = [Node(1, "CheckpointLoaderSimple", (40, 160), {"ckpt_name": "sd_xl_base_1.0.safetensors"})]
+TOY = [Node(1, "RetraceLoadToyWorld", (40, 160), {"family": "sd15"})]
+TOY_SOURCE = "a red circle and a blue square on a white background"
+TOY_TARGET = "a green circle and a blue square on a white background"
 FLUX = [Node(1, "UNETLoader", (40, 40), {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}),
         Node(5, "DualCLIPLoader", (40, 180), {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
                                               "type": "flux", "device": "default"}),
@@ -246,6 +249,31 @@ ATTENTION_GRAPHS: dict[str, list[Node]] = {
              {"store": (9, 1), "pair": (4, 2), "samples": (11, 0), "image": (2, 0)}),
         Node(13, "SaveImage", (2250, 420), {"filename_prefix": "retrace_attention_maps"}, {"images": (12, 0)}),
         *_decode_and_save((11, 0), 14, "retrace_sd15_attention_maps_reconstruction", 1890),
+    ],
+    # The recommended edit (the demo's), on the toy world the pack ships: direct inversion's guider for both passes
+    # (the source pass reconstructs exactly), Prompt-to-Prompt word swap and a local blend on the swapped words.
+    "sd15_toy_world_edit.json": [
+        *_attention_front(TOY, (1, 0), (1, 1), (1, 2), TOY_SOURCE, TOY_TARGET, 50, "normal"),
+        Node(8, "RetraceAttentionStore", (1170, 480), {}, {"model": (1, 0)}),
+        Node(9, "RetraceDirectInversionGuider", (1170, 160), {"guidance": 7.5},
+             {"model": (8, 0), "inversion": (7, 1), "positive": (4, 0), "source": (4, 0), "negative": (6, 0)},
+             "Source pass guider"),
+        Node(10, "RetraceSampleInversionGuided", (1530, 160), {}, {"inversion": (7, 1), "guider": (9, 0)},
+             "Source pass"),
+        Node(11, "RetraceAttentionInject", (1530, 420), {"mode": "replace", "blend_words": "auto"},
+             {"model": (1, 0), "pair": (4, 2), "store": (8, 1), "source_result": (10, 0)}),
+        Node(12, "RetraceDirectInversionGuider", (1890, 420), {"guidance": 7.5},
+             {"model": (11, 0), "inversion": (7, 1), "positive": (4, 1), "source": (4, 0), "negative": (6, 0)},
+             "Edit pass guider"),
+        Node(13, "RetraceSampleInversionGuided", (2250, 420), {}, {"inversion": (7, 1), "guider": (12, 0)},
+             "Edit pass"),
+        *_decode_and_save((13, 0), 14, "retrace_toy_world_edit", 2610),
+        Node(16, "VAEDecode", (1890, 160), {}, {"samples": (10, 0), "vae": (1, 2)}, "Decode reconstruction"),
+        Node(17, "SaveImage", (2250, 160), {"filename_prefix": "retrace_toy_world_reconstruction"},
+             {"images": (16, 0)}),
+        Node(18, "RetraceBlendMask", (2610, 420), {}, {"model": (11, 0), "samples": (13, 0)}),
+        Node(19, "MaskToImage", (2870, 420), {}, {"mask": (18, 0)}),
+        Node(20, "SaveImage", (3130, 420), {"filename_prefix": "retrace_toy_world_blend_mask"}, {"images": (19, 0)}),
     ],
 }
 GRAPHS.update(ATTENTION_GRAPHS)

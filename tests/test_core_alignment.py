@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from retrace.editing.alignment import AlignmentError, find_word, refine_alignment, replace_mapper
+from retrace.editing.alignment import AlignmentError, changed_tokens, find_word, refine_alignment, replace_mapper
 
 pytestmark = pytest.mark.core
 
@@ -133,6 +133,21 @@ def test_refine_with_removed_and_repeated_words() -> None:
     index, alphas = refine_alignment(source, target)
     assert alphas.tolist() == [1, 1, 1, 0, 1]
     assert index.tolist() == [0, 1, 4, 0, 5]  # "a" leftmost, "cat" at its only place
+
+
+def test_changed_tokens_are_where_the_prompts_differ_and_only_there() -> None:
+    red, blue, cube, ball, a, and_ = 3, 4, 5, 7, 1, 6
+    source = seq((a,), (red,), (cube,), (and_,), (a,), (red,), (ball,), length=12)
+    swapped = seq((a,), (blue,), (cube,), (and_,), (a,), (red,), (ball,), length=12)
+    # "red" stands twice; only the first changes (find_word would give both).
+    assert changed_tokens(source, swapped) == ([2], [2])
+    assert find_word(source, [red]) == [2, 6]
+    assert changed_tokens(source, source) == ([], [])
+    added = seq((a,), (red,), (cube,), (and_,), (a,), (red,), (9, 10), (ball,), length=12)  # a two-token word added
+    assert changed_tokens(source, added) == ([], [7, 8])
+    assert changed_tokens(added, source) == ([7, 8], [])
+    # Special tokens never count, even where the padding lengths differ.
+    assert changed_tokens(seq((a,), (red,)), seq((a,), (blue,), length=9)) == ([2], [2])
 
 
 def test_refine_matches_the_longest_common_subsequence() -> None:

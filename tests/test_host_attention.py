@@ -242,6 +242,10 @@ def test_inject_node_refuses_bad_input_before_sampling(case: Case, source_pass) 
         inject_node(case.model, swap, AttentionStore(), result)
     with pytest.raises(ValueError, match="blend word 'horse' is in neither prompt"):
         inject_node(case.model, swap, store, result, blend_words="horse")
+    auto = inject_node(case.model, pair_of("a red cat and a red dog", "a red cat and a blue dog"), store, result,
+                       blend_words="auto").args[0]
+    settings = auto.model_options["transformer_options"]["optimized_attention_override"].settings
+    assert settings.blend_source == settings.blend_target == (6,)  # the second "red" only: S a red cat and a >red<
     with pytest.raises(ValueError, match="already carries a Retrace attention"):
         inject_node(patched, swap, store, result)
     kv_only = dataclasses.replace(store, settings=StoreSettings(self_mode="kv"))
@@ -283,8 +287,18 @@ def test_direct_inversion_source_and_edit_passes(case: Case, steps: int) -> None
         assert torch.equal(stored, plain)
         same_prompt = [[c.clone(), dict(extras)] for c, extras in case.source]  # another object: two branches run
         injected = case.inject(store, edit=IDENTITY, cross_steps=1.0, self_mode="replace", self_steps=1.0)
+        before = case.calls
         edited = sample_with_guider(injected, inversion, DirectInversionGuider(
             injected, inversion, same_prompt, case.source, case.negative, CFG))["samples"]
+        # The source pass kept its source branch in the store: the edit pass calls the model for its own branch only.
+        assert case.calls - before == steps
+        other_source = [[c.clone(), dict(extras)] for c, extras in case.source]  # not the source pass's: evaluated
+        before = case.calls
+        evaluated = sample_with_guider(injected, inversion, DirectInversionGuider(
+            injected, inversion, same_prompt, other_source, case.negative, CFG))["samples"]
+        assert case.calls - before == 2 * steps
+        # The kept estimates are the very numbers the edit pass would compute (the same call on the same point).
+        assert torch.equal(edited, evaluated)
     if steps == 1:
         # On the trajectory's own point the edit branch is the source branch bit for bit (p2p.one_call), and
         # D* + (D - D) is D*: exact.

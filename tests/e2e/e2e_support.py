@@ -37,6 +37,7 @@ WORKFLOW_KINDS: dict[str, str | None] = {
     "stylegan_project_boundary_edit.json": "stylegan",
     "sd15_prompt_direction_edit.json": None,
     "stylegan_learn_boundary.json": "stylegan",
+    "sd15_toy_world_edit.json": "toy",  # the shipped toy world: its own loader, nothing to swap
 }
 
 # The node whose LATENT is a workflow's result: of these, the one downstream of all others (an attention edit
@@ -52,7 +53,7 @@ LOADER_SWAPS = {
     "TripleCLIPLoader": "RetraceTestTinyCLIP",
     "VAELoader": "RetraceTestTinyVAE",
 }
-LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "flux": 16}
+LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "flux": 16, "toy": 4}
 
 
 def swap_loaders(prompt: ApiPrompt, kind: str) -> list[str]:
