@@ -1,9 +1,9 @@
 """``python -m batch WORKFLOW IMAGES OUT [options]``: run a workflow over every image of a folder with Ray.
 
 Everything that can be checked without Ray or a host is checked first (the folders, the workflow, its image
-input, the ``--set`` overrides); a re-run with every image finished exits there, without starting anything.
-Exit status: 0 when no image failed, 1 when some did (or the run was interrupted), 2 when the batch could not
-start.
+input, the ``--set`` overrides, and each image, decoded once); a re-run with every image finished (or failed
+before with the same bytes) exits there, without starting anything. Exit status: 0 when no image failed, 1 when
+some did, were skipped as failed before, or the run was interrupted, 2 when the batch could not start.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from batch.plan import (BatchError, Failure, check_override_nodes, choose_image_node,
-                        load_workflow_file, make_plan, parse_override, stale_done, write_failures)
+from batch.plan import (RETRY_FAILED_HINT, BatchError, Failure, check_override_nodes, choose_image_node,
+                        ignored_note, load_workflow_file, make_plan, parse_override, stale_done, write_failures)
 
 log = logging.getLogger("retrace.batch")
 
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"node-local folder for the hosts' run folders (default {DEFAULT_WORK_DIR})")
     p.add_argument("--max-in-flight", type=int, default=None, metavar="N",
                    help="images submitted to Ray at once (default: twice the task slots)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run again the images that failed last time (by default they are skipped until their file "
+                        "changes; the list is OUT/.retrace_batch/failures.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the workers' logs")
     return p
@@ -90,13 +93,24 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def summary(total: int, done: int, skipped: int, failures: list[Failure], seconds: float, failures_file: Path,
-            unfinished: int = 0) -> str:
+            unfinished: int = 0, previously_failed: list[Failure] | None = None,
+            ignored: list[Path] | None = None) -> str:
+    """The run's last words on stdout: the counts, each failure, the images skipped as failed before and the
+    folder's entries that were not taken."""
+    before = previously_failed or []
     lines = [f"Retrace batch: {total} image(s) in {seconds:.1f} s: {done} done, {skipped} skipped (already done), "
-             f"{len(failures)} failed" + (f", {unfinished} unfinished (interrupted)" if unfinished else "") + "."]
+             f"{len(failures)} failed" + (f", {unfinished} unfinished (interrupted)" if unfinished else "")
+             + (f", {len(before)} previously failed (skipped)" if before else "") + "."]
     if failures:
         lines.append("Failed:")
         lines.extend(f"  {f.image}: {f.error}" for f in failures)
+    if before:
+        lines.append(f"Previously failed ({len(before)}); {RETRY_FAILED_HINT} (or change the file):")
+        lines.extend(f"  {f.image}: {f.error}" for f in before)
+    if failures or before:
         lines.append(f"Details: {failures_file}")
+    if ignored:
+        lines.append(ignored_note(ignored) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_numbers(args)
         workflow = load_workflow_file(args.workflow)
-        plan = make_plan(args.images, args.out)
+        plan = make_plan(args.images, args.out, retry_failed=args.retry_failed)
         image_node = choose_image_node(workflow, args.image_node)
         overrides = [parse_override(text) for text in args.sets]
         check_override_nodes(workflow, overrides, image_node)
@@ -119,10 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in stale_done(plan, workflow.sha256):
         log.warning(note)
-    log.info("%d image(s) in %s: %d to run, %d already done, %d refused", len(plan.images), plan.images_dir,
-             len(plan.todo), len(plan.done), len(plan.failures))
+    log.info("%d image(s) in %s: %d to run, %d already done, %d refused, %d previously failed",
+             len(plan.images), plan.images_dir, len(plan.todo), len(plan.done), len(plan.failures),
+             len(plan.previously_failed))
     for failure in plan.failures:
         log.error("%s: %s", failure.image, failure.error)
+    if plan.previously_failed:
+        log.warning("skipping %d image(s) that failed last time with the same bytes: %s; %s",
+                    len(plan.previously_failed), ", ".join(f.image for f in plan.previously_failed),
+                    RETRY_FAILED_HINT)
 
     done: list[str] = []
     skipped = len(plan.done)
@@ -162,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         skipped += len(outcome.skipped)
         failures += outcome.failures
         unfinished = len(plan.todo) - len(outcome.done) - len(outcome.skipped) - len(outcome.failures)
+    before = plan.previously_failed
     counts = {"images": len(plan.images), "done": len(done), "skipped": skipped, "failed": len(failures),
-              "unfinished": unfinished}
-    failures_file = write_failures(plan.out_dir, failures, counts, workflow.path.name)
+              "unfinished": unfinished, "previously_failed": len(before)}
+    # The skipped ones stay listed, so the run after this one skips them too.
+    failures_file = write_failures(plan.out_dir, failures + before, counts, workflow.path.name)
     sys.stdout.write(summary(len(plan.images), len(done), skipped, failures, time.monotonic() - t0, failures_file,
-                             unfinished))
+                             unfinished, before, plan.ignored))
     sys.stdout.flush()
-    return 0 if not failures and not unfinished else 1
+    return 0 if not failures and not unfinished and not before else 1

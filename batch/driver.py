@@ -18,8 +18,8 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no phoning home (before ray is im
 import ray  # noqa: E402
 
 from batch import worker  # noqa: E402
-from batch.plan import (MANIFEST, BatchError, Failure, Override, WorkflowFile, apply_overrides,  # noqa: E402
-                        check_choices, finalize, last_line, sha256_bytes)
+from batch.plan import (MANIFEST, RETRY_ON, BatchError, Failure, Override, WorkflowFile,  # noqa: E402
+                        apply_overrides, check_choices, finalize, last_line, sha256_bytes, task_failure)
 from scripts.workflow_api import WorkflowError, ui_to_api  # noqa: E402
 
 log = logging.getLogger("retrace.batch")
@@ -95,8 +95,10 @@ def run(todo: list[Path], out_dir: Path, workflow: WorkflowFile, image_node: str
     start_ray(options)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
+        # Ray retries a dead worker by itself; of the tasks' exceptions, only a lost host (never the image's own
+        # failures: they would fail again).
         task = dict(num_cpus=options.cpus_per_task, num_gpus=1 if gpus else 0, max_retries=options.retries,
-                    retry_exceptions=True)
+                    retry_exceptions=list(RETRY_ON))
         slots = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.cpus_per_task)
         window = options.max_in_flight or 2 * slots
         log.info("Ray: %d node(s), %d CPU(s), %d GPU(s): %d task slot(s)%s", len(ray.nodes()),
@@ -109,9 +111,19 @@ def run(todo: list[Path], out_dir: Path, workflow: WorkflowFile, image_node: str
             while queue or pending:
                 while queue and len(pending) < window:
                     image = queue.pop()
-                    data = image.read_bytes()
+                    try:
+                        data = image.read_bytes()
+                    except OSError as err:
+                        outcome.failures.append(Failure(image.name, f"cannot read {image}: {err.strerror or err} "
+                                                                    "(moved during the run?); run the batch again"))
+                        log.error("%s failed: %s", image.name, outcome.failures[-1].error)
+                        if progress is not None:
+                            progress.update(1)
+                        continue
                     ref = worker.run_image.options(**task).remote(prompt_ref, image_node, image.name, data, host)
                     pending[ref] = (image, sha256_bytes(data))
+                if not pending:
+                    continue
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     image, sha = pending.pop(ref)
@@ -133,9 +145,9 @@ def _collect(ref: Any, image: Path, sha: str, out_dir: Path, workflow: WorkflowF
     try:
         result = ray.get(ref)
     except ray.exceptions.RayError as err:
-        text = _error_text(err)
-        outcome.failures.append(Failure(image.name, last_line(text), text[-4000:]))
-        log.error("%s failed: %s", image.name, last_line(text))
+        failure = task_failure(image.name, sha, err)
+        outcome.failures.append(failure)
+        log.error("%s failed: %s", image.name, failure.error)
         return
     extra = {"image_node": image_node, "overrides": [o.as_dict() for o in overrides],
              "prompt_id": result.get("prompt_id")}

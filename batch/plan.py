@@ -6,11 +6,13 @@ Layout of ``OUT``::
     OUT/<stem>/<node_id>_<k>.<ext>        the images (and other files) the workflow's output nodes listed
     OUT/<stem>/files/<path>               other files the run wrote into the host's output folder
     OUT/<stem>/retrace_batch.json         the manifest: a folder with it is done and skipped on a re-run
-    OUT/.retrace_batch/failures.json      the last run's failures
+    OUT/.retrace_batch/failures.json      the last run's failures (an image that failed is skipped on a re-run
+                                          until its bytes change or --retry-failed is given)
     OUT/.retrace_batch/partial/           results being written (moved into place with one rename)
 
 A folder ``OUT/<stem>`` without the manifest belongs to someone else: it is never touched and its image is
-reported as a failure. Results are staged in ``partial/`` and renamed into place with an atomic rename that
+reported as a failure. Every image to run is decoded once here with Pillow, so a corrupt, truncated or
+non-image file is a failure before any Ray or host work. Results are staged in ``partial/`` and renamed into place with an atomic rename that
 refuses to replace anything, so a result is written once or not at all and nothing is ever overwritten.
 """
 
@@ -27,9 +29,13 @@ import shutil
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
+
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from scripts.workflow_api import MODE_BYPASS, MODE_NEVER, VIRTUAL_NODES, ApiPrompt, set_inputs
 
@@ -44,10 +50,64 @@ FAILURES_FILE = "failures.json"
 FILES_DIR = "files"
 MANIFEST_VERSION = 1
 FOREIGN_FOLDER = "exists, not a batch output; move it or choose another OUT"
+RETRY_FAILED_HINT = "pass --retry-failed to try them again"
+LISTED_NAMES = 10  # names shown in one line of the summary
 
 
 class BatchError(ValueError):
     """The batch cannot start: the message says what is wrong, what was given and how to fix it."""
+
+
+class HostLost(RuntimeError):
+    """Infrastructure, not the image: the task's host exited (killed, out of memory, crashed) or could not be
+    started. The only exception Ray retries (see :data:`RETRY_ON`)."""
+
+
+class ImageFailed(RuntimeError):
+    """The image failed for a reason a retry would meet again: its upload, the host refusing the prompt at
+    validation, an error while running it, or --timeout. Never retried; remembered in failures.json."""
+
+
+RETRY_ON: tuple[type[BaseException], ...] = (HostLost,)  # Ray's retry_exceptions; worker deaths are retried anyway
+
+
+def retryable(err: BaseException) -> bool:
+    """Whether Ray retries a task that raised ``err`` (it checks the same classes)."""
+    return isinstance(err, RETRY_ON)
+
+
+def task_error(err: BaseException, image: str, upload: str, host_gone: bool,
+               host_code: int | None = None) -> HostLost | ImageFailed:
+    """What an image task raises for ``err``: HostLost when its host has gone (retried), else ImageFailed. The
+    message names the user's ``image``, never the temporary ``upload`` name the host saw."""
+    text = str(err).replace(upload, image)
+    if host_gone:
+        code = f" with code {host_code}" if host_code is not None else ""
+        return HostLost(f"the host exited{code} while running {image} ({type(err).__name__}: {last_line(text)})")
+    for prefix in ("prompt refused: ", "400 from /prompt: "):  # node_errors in a 200 reply, or a 400 reply
+        if text.startswith(prefix):
+            return ImageFailed(f"the host refused the prompt for {image} at validation: "
+                               f"{_refusal(text[len(prefix):])}")
+    return ImageFailed(f"{image} failed on the host: {type(err).__name__}: {last_line(text)}")
+
+
+def _refusal(raw: str) -> str:
+    """The host's validation reply ({error, node_errors}) as one line; the raw text if it is not that JSON."""
+    try:
+        reply = json.loads(raw)
+        if "node_errors" not in reply and "error" not in reply:
+            reply = {"node_errors": reply}  # node_errors alone
+        parts = []
+        for nid, node in (reply.get("node_errors") or {}).items():
+            for e in node.get("errors", []):
+                parts.append(f"node {nid} ({node.get('class_type', '?')}): {e.get('message', '')}"
+                             + (f": {e['details']}" if e.get("details") else ""))
+        if not parts and isinstance(reply.get("error"), dict):
+            e = reply["error"]
+            parts.append(str(e.get("message", "")) + (f": {e['details']}" if e.get("details") else ""))
+        return " ".join("; ".join(parts).split()) or last_line(raw)
+    except (ValueError, AttributeError, TypeError):
+        return last_line(raw)
 
 
 @dataclass(frozen=True)
@@ -55,9 +115,21 @@ class Failure:
     image: str
     error: str  # one line
     detail: str = ""
+    sha256: str = ""  # set when the failure is the image's own: a re-run skips it while its bytes stay the same
 
     def as_dict(self) -> dict[str, str]:
-        return {"image": self.image, "error": self.error, "detail": self.detail}
+        return {"image": self.image, "error": self.error, "detail": self.detail,
+                **({"sha256": self.sha256} if self.sha256 else {})}
+
+
+def task_failure(image: str, sha: str, err: BaseException) -> Failure:
+    """A failed image task (``err`` as ``ray.get`` raised it) as a Failure. The image's own failure (ImageFailed)
+    carries its SHA-256, so a re-run skips it while the bytes stay the same; a lost host or worker (after Ray's
+    retries) does not, so a re-run tries it again."""
+    cause = getattr(err, "cause", None)  # Ray's RayTaskError: the exception the task raised
+    raised = cause if isinstance(cause, BaseException) else err
+    text = str(raised) if isinstance(raised, (HostLost, ImageFailed)) else f"{type(raised).__name__}: {raised}"
+    return Failure(image, last_line(text), text[-4000:], sha if isinstance(raised, ImageFailed) else "")
 
 
 @dataclass
@@ -67,7 +139,9 @@ class Plan:
     images: list[Path]                       # every image, sorted
     todo: list[Path] = field(default_factory=list)
     done: list[Path] = field(default_factory=list)       # a finished output folder exists: skipped
-    failures: list[Failure] = field(default_factory=list)  # refused before running (foreign folder)
+    failures: list[Failure] = field(default_factory=list)  # refused before running (foreign folder, bad image)
+    ignored: list[Path] = field(default_factory=list)     # entries of images_dir that are not taken
+    previously_failed: list[Failure] = field(default_factory=list)  # failed last time, same bytes: skipped
 
 
 @dataclass(frozen=True)
@@ -103,10 +177,82 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The image files directly in ``folder`` (not in sub-folders, no hidden files) and everything else in it
+    (ignored), each sorted by name."""
+    images, ignored = [], []
+    for p in sorted(folder.iterdir()):
+        taken = p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        (images if taken else ignored).append(p)
+    return images, ignored
+
+
 def list_images(folder: Path) -> list[Path]:
     """The image files directly in ``folder`` (not in sub-folders, no hidden files), sorted by name."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    return scan_folder(folder)[0]
+
+
+def name_list(names: list[str], limit: int = LISTED_NAMES) -> str:
+    """``a, b, c`` with at most ``limit`` names, then ``and N more``."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def ignored_note(ignored: list[Path]) -> str:
+    """One line naming the folder entries the runner did not take (sub-folders with a trailing slash)."""
+    names = [p.name + ("/" if p.is_dir() else "") for p in ignored]
+    return (f"ignored {len(names)} file(s) not ending in {', '.join(IMAGE_SUFFIXES)} (or hidden, or folders, "
+            f"which are not searched): {name_list(names)}")
+
+
+def image_problem(data: bytes, suffix: str) -> str | None:
+    """None when Pillow decodes all of ``data``, else why not (one line, with how to fix it). Truncated files
+    fail, and so do images over Pillow's decompression-bomb limit (checked before decoding)."""
+    fix = "replace the file or move it out of IMAGES"
+    truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(BytesIO(data))
+            except UnidentifiedImageError:
+                return (f"not an image Pillow can read ({len(data)} bytes starting {data[:8]!r}, named {suffix}); "
+                        f"{fix}")
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                return f"refused as a possible decompression bomb: {last_line(str(err))}; {fix}"
+            except Exception as err:  # noqa: BLE001 (a broken header raises all kinds: SyntaxError, ValueError, ...)
+                return f"not a readable image ({type(err).__name__}: {last_line(str(err))}); {fix}"
+            with img:
+                kind = img.format or suffix.lstrip(".").upper()
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit is not None and img.width * img.height > limit:
+                    return (f"{kind} of {img.width}x{img.height} pixels, over Pillow's limit of {limit} "
+                            f"(a possible decompression bomb); {fix}")
+                try:
+                    img.load()
+                except Exception as err:  # noqa: BLE001 (OSError, SyntaxError, zlib.error, ...)
+                    text = last_line(str(err)) or type(err).__name__
+                    return f"{'truncated' if 'truncated' in text else 'corrupt'} {kind}: {text}; {fix}"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated
+    return None
+
+
+def read_failures(out_dir: Path) -> dict[str, Failure]:
+    """The last run's failures that carry their image's SHA-256, by image name (older files without it, or an
+    unreadable file, give none: those images are tried again)."""
+    path = out_dir / STATE_DIR / FAILURES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))["failures"]
+        return {r["image"]: Failure(r["image"], r["error"], r.get("detail", ""), r["sha256"])
+                for r in records if isinstance(r, dict) and r.get("sha256")}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("could not read the last run's failures from %s (%s); its failed images are tried again",
+                    path, err)
+        return {}
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -121,8 +267,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
 
 
-def make_plan(images_dir: str | Path, out_dir: str | Path) -> Plan:
-    """List the images and sort them into to-do, done (skipped) and refused; raise BatchError before any work."""
+def make_plan(images_dir: str | Path, out_dir: str | Path, retry_failed: bool = False) -> Plan:
+    """List the images and sort them into to-do, done (skipped), previously failed (skipped unless
+    ``retry_failed`` or their bytes changed) and refused (decoding each image to run once); raise BatchError
+    before any work."""
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     if not images_dir.exists():
         raise BatchError(f"the image folder {str(images_dir)!r} does not exist; pass a folder of images as IMAGES.")
@@ -135,7 +283,7 @@ def make_plan(images_dir: str | Path, out_dir: str | Path) -> Plan:
     if _inside(out_real, images_real):
         raise BatchError(f"OUT {str(out_dir)!r} is inside IMAGES {str(images_dir)!r}; "
                          "choose an OUT folder outside the image folder.")
-    images = list_images(images_dir)
+    images, ignored = scan_folder(images_dir)
     if not images:
         others = sum(1 for p in images_dir.iterdir() if p.is_file())
         raise BatchError(f"no images in {str(images_dir)!r} ({others} other file(s)); the runner takes files ending "
@@ -148,13 +296,32 @@ def make_plan(images_dir: str | Path, out_dir: str | Path) -> Plan:
         listed = "; ".join(" and ".join(names) for names in clashes)
         raise BatchError(f"images with the same name but another extension (or case) would share one output folder: "
                          f"{listed}; rename or move all but one of each.")
-    plan = Plan(images_dir=images_dir, out_dir=out_dir, images=images)
+    plan = Plan(images_dir=images_dir, out_dir=out_dir, images=images, ignored=ignored)
+    if ignored:
+        log.info("%s", ignored_note(ignored))
+    failed_before = {} if retry_failed else read_failures(out_dir)
     for path in images:
         target = out_dir / path.stem
         if is_done(target):
             plan.done.append(path)
-        elif target.exists() or target.is_symlink():
+            continue
+        if target.exists() or target.is_symlink():
             plan.failures.append(Failure(path.name, f"{target} {FOREIGN_FOLDER}"))
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            plan.failures.append(Failure(path.name, f"cannot read {path}: {err.strerror or err}; check its "
+                                                    "permissions or move it out of IMAGES"))
+            continue
+        sha = sha256_bytes(data)
+        before = failed_before.get(path.name)
+        if before is not None and before.sha256 == sha:
+            plan.previously_failed.append(before)
+            continue
+        problem = image_problem(data, path.suffix.lower())
+        if problem is not None:
+            plan.failures.append(Failure(path.name, problem, sha256=sha))
         else:
             plan.todo.append(path)
     return plan
@@ -401,7 +568,13 @@ def finalize(out_dir: Path, image: Path, source_sha: str, workflow: WorkflowFile
     if os.path.lexists(target):
         return "exists"
     stage = out_dir / STATE_DIR / PARTIAL_DIR / f"{image.stem}.{uuid.uuid4().hex}"
-    stage.mkdir(parents=True)
+    for attempt in range(5):  # another finalize may remove the empty partial/ between mkdir's two steps
+        try:
+            stage.mkdir(parents=True)
+            break
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
     try:
         outputs, counters = [], {}
         for rec in result.get("outputs", []):
@@ -453,7 +626,9 @@ def _remove_empty(*folders: Path) -> None:
 
 
 def write_failures(out_dir: Path, failures: list[Failure], counts: dict[str, int], workflow: str) -> Path:
-    """OUT/.retrace_batch/failures.json: this run's failures (the file is the runner's own, rewritten each run)."""
+    """OUT/.retrace_batch/failures.json: this run's failures, and those skipped as previously failed (the file is
+    the runner's own, rewritten each run). A failure with ``sha256`` is skipped by the next run while its image
+    keeps those bytes."""
     state = out_dir / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
     _remove_empty(state / PARTIAL_DIR)

@@ -2,7 +2,10 @@
 
 A worker process starts the real host (:class:`scripts.comfy_server.ComfyServer`) the first time a task needs it
 and keeps it in a module global for the tasks that follow; a host that has died is replaced by a new one on the
-next task. Retrying a failed task (on this worker or another) is Ray's job: a task that loses its host raises.
+next task. Retrying a failed task (on this worker or another) is Ray's job, for infrastructure failures only: a
+task whose host died (or would not start) raises :class:`~batch.plan.HostLost`, which Ray retries; anything the
+image itself causes (its upload, the host refusing or failing the prompt, --timeout) raises
+:class:`~batch.plan.ImageFailed`, which it does not. Both name the user's image, not its temporary upload name.
 Each host has its own run folder under the node-local work folder; it dies with its worker (PDEATHSIG).
 """
 
@@ -14,6 +17,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -21,20 +25,17 @@ from typing import Any
 
 import ray
 
-from batch.plan import fill_image
-from scripts.comfy_server import ComfyError, ComfyServer
+from batch.plan import HostLost, ImageFailed, fill_image, last_line, task_error
+from scripts.comfy_server import ComfyServer
 
 log = logging.getLogger("retrace.batch.worker")
 
 TASK_MARKER = "current_task.json"  # in the host's run folder while it runs an image
 HOST_PREFIX = "host-"
+EXIT_GRACE_S = 5.0  # after a connection error: how long to wait for a dying host's exit to be seen
 
 _HOST: ComfyServer | None = None
 _HOST_KEY: str | None = None
-
-
-class HostDied(RuntimeError):
-    """The host exited while it ran a task (killed, out of memory, crashed)."""
 
 
 def host_options(work_dir: str, model_dirs: dict[str, list[str]], timeout: float = 600.0, threads: int = 1,
@@ -46,6 +47,30 @@ def host_options(work_dir: str, model_dirs: dict[str, list[str]], timeout: float
 
 def _alive(server: ComfyServer) -> bool:
     return server.process is not None and server.process.poll() is None
+
+
+def _gone(server: ComfyServer, grace: float = 0.0) -> bool:
+    """Whether the host has exited, waiting up to ``grace`` s for it: after a lost connection, the socket closes
+    a moment before the exit can be seen."""
+    if server.process is None:
+        return True
+    try:
+        server.process.wait(grace)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _exit_code(server: ComfyServer) -> int | None:
+    return server.process.returncode if server.process is not None else None
+
+
+def _host_for(options: dict[str, Any], what: str) -> ComfyServer:
+    """get_host, with a failure to start one raised as HostLost (retried: it may start on another try or node)."""
+    try:
+        return get_host(options)
+    except Exception as err:  # noqa: BLE001 (the host's start-up raises RuntimeError, TimeoutError, OSError)
+        raise HostLost(f"could not start a host for {what}: {type(err).__name__}: {last_line(str(err))}") from None
 
 
 def _discard_host() -> None:
@@ -151,7 +176,14 @@ def collect_outputs(server: ComfyServer, entry: dict[str, Any]) -> tuple[list[di
 @ray.remote
 def fetch_object_info(options: dict[str, Any]) -> dict[str, Any]:
     """The host's /object_info (node schemas), for converting the workflow on the driver."""
-    return get_host(options).client().object_info()
+    server = _host_for(options, "the node schemas")
+    try:
+        return server.client().object_info()
+    except Exception as err:  # noqa: BLE001
+        if _gone(server, EXIT_GRACE_S if isinstance(err, OSError) else 0.0):
+            raise HostLost(f"the host exited with code {_exit_code(server)} while it was asked for its node "
+                           f"schemas ({type(err).__name__}: {last_line(str(err))})") from None
+        raise
 
 
 @ray.remote
@@ -159,34 +191,36 @@ def run_image(prompt: dict[str, Any], image_node: str, image_name: str, image_by
               options: dict[str, Any]) -> dict[str, Any]:
     """Run the prompt on one image: write it into the host's input folder under a unique name, point the image
     node at it, queue, wait, and return the output files' bytes and names (the driver writes them)."""
-    server = get_host(options)
+    server = _host_for(options, image_name)
     started = time.time()
     _clear(server.output_dir)
     name = f"retrace_batch_{uuid.uuid4().hex}{Path(image_name).suffix.lower()}"
     source = server.input_dir / name
-    source.write_bytes(image_bytes)
+    try:
+        source.write_bytes(image_bytes)
+    except OSError as err:
+        source.unlink(missing_ok=True)
+        raise ImageFailed(f"could not upload {image_name} into its host's input folder: "
+                          f"{err.strerror or type(err).__name__}") from None
     marker = server.run_dir / TASK_MARKER
     marker.write_text(json.dumps({"image": image_name, "input": name, "started": started,
                                   "worker_pid": os.getpid()}), encoding="utf-8")
-    pid = server.process.pid if server.process is not None else None
     try:
         client = server.client()
         try:
             prompt_id = client.queue_prompt(fill_image(prompt, image_node, name))
             entry = client.wait(prompt_id, timeout=options["timeout"], poll=0.2)
             outputs, files = collect_outputs(server, entry)
-        except TimeoutError:
-            if not _alive(server):
-                raise HostDied(f"the host (pid {pid}) exited while running {image_name}") from None
+        except TimeoutError as err:
+            if _gone(server):
+                raise task_error(err, image_name, name, True, _exit_code(server)) from None
             # It is still busy with the prompt we gave up on: the next task gets a fresh host.
             _discard_host()
-            raise TimeoutError(f"{image_name} did not finish within {options['timeout']:g} s (--timeout); "
-                               "its host was stopped") from None
-        except (OSError, ComfyError) as err:
-            if not _alive(server):
-                code = server.process.returncode if server.process is not None else None
-                raise HostDied(f"the host (pid {pid}) exited with code {code} while running {image_name}") from err
-            raise
+            raise ImageFailed(f"{image_name} did not finish within {options['timeout']:g} s (--timeout); "
+                              "its host was stopped") from None
+        except Exception as err:  # noqa: BLE001 (the host's refusals, its errors, lost connections)
+            gone = _gone(server, EXIT_GRACE_S if isinstance(err, OSError) else 0.0)
+            raise task_error(err, image_name, name, gone, _exit_code(server) if gone else None) from None
     finally:
         marker.unlink(missing_ok=True)
         source.unlink(missing_ok=True)

@@ -275,8 +275,10 @@ def _finite_float(raw: str) -> float:
 
 def _shape(raw: str) -> tuple[int, ...]:
     value = json.loads(raw)
-    if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
-        raise ValueError("expected a list of positive integers")
+    if (not isinstance(value, list) or len(value) not in (4, 5)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ValueError("expected a latent shape: 4 or 5 positive integers, [batch, channels, (frames,) height, "
+                         "width]")
     return tuple(value)
 
 

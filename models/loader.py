@@ -11,6 +11,11 @@ Formats, told apart by content (the extension is only a hint):
 - Retrace ``.safetensors``: tensors plus JSON metadata (family, constructor arguments, source hash).
 
 Every generator is rebuilt with our own clean-room code (``models.build_generator``) and loaded ``strict=True``.
+
+Before anything is allocated, a file is held to a size budget: constructor arguments within what published
+generators use, names and shapes compared with a generator built on the ``meta`` device, a generator no larger than
+the values the file holds, no tensor claiming more values than its storage, and torch.save zip entries stored
+uncompressed within the file's size. A hostile file costs a few MB and a few milliseconds.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +77,43 @@ W_AVG_SEED = 0x5EED
 _LEGACY_TORCH_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_TORCH_MAGIC = pickle.dumps(_LEGACY_TORCH_MAGIC_NUMBER, protocol=2)  # how a non-zip torch.save starts
 _MAX_SAFETENSORS_HEADER = 100_000_000
+
+# The largest settings Retrace builds. Every published StyleGAN2, StyleGAN2-ADA, StyleGAN3 and rosinality generator
+# is far inside them (z_dim = w_dim = 512, at most 1024 px, channel_max 512 or 1024, 8 mapping layers, 1000 classes):
+# a file beyond them is damaged or not a StyleGAN generator, and building what it asks for could take gigabytes.
+_MAX_FEATURES = 4096
+_ARG_BOUNDS: dict[str, tuple[int, int, str]] = {  # argument: (smallest, largest, what it is)
+    "z_dim": (0, _MAX_FEATURES, "the latent size, 512 in published generators"),
+    "c_dim": (0, 32768, "the number of class labels, at most 1000 in published generators"),
+    "w_dim": (1, _MAX_FEATURES, "the style size, 512 in published generators"),
+    "img_resolution": (4, 4096, "the image size in pixels, at most 1024 in published generators"),
+    "img_channels": (1, 64, "the image channels, 3 for RGB"),
+    "channel_base": (1, 1 << 30, "the channel schedule's numerator, 16384 to 65536 in published generators"),
+    "channel_max": (1, _MAX_FEATURES, "the most channels of a layer, 512 or 1024 in published generators"),
+    "num_fp16_res": (0, 32, "the resolutions run in half precision"),
+}
+_MAPPING_BOUNDS: dict[str, tuple[int, int, str]] = {
+    "num_layers": (1, 32, "the mapping network's layers, 2 or 8 in published generators"),
+    "embed_features": (1, _MAX_FEATURES, "the label embedding size, 512 in published generators"),
+    "layer_features": (1, _MAX_FEATURES, "the mapping layers' width, 512 in published generators"),
+}
+_FAMILY_BOUNDS: dict[str, dict[str, tuple[int, int, str]]] = {
+    "stylegan2": {"kernel_size": (1, 15, "the convolution kernel, 3 in published generators")},
+    "stylegan3": {
+        "num_layers": (2, 64, "the synthesis layers, 14 in published generators"),
+        "num_critical": (0, 63, "the critically sampled last layers, 2 in published generators"),
+        "margin_size": (0, 256, "the extra pixels around each layer, 10 in published generators"),
+        "conv_kernel": (1, 15, "the convolution kernel, 1 or 3 in published generators"),
+        "filter_size": (1, 64, "the low-pass filter taps per upsampling step, 6 in published generators"),
+        "lrelu_upsampling": (1, 8, "the upsampling around the nonlinearity, 2 in published generators"),
+    },
+}
+_SG3_REAL_ARGS = ("first_cutoff", "first_stopband", "last_stopband_rel")
+_MAX_FILTER_TAPS = 256  # StyleGAN3 filters; published generators use at most 24
+_MAX_RESAMPLE_TAPS = 16  # StyleGAN2 resample_filter; published generators use [1, 3, 3, 1]
+# How many values a file's settings may ask for beyond the values it holds (derived buffers such as the identity
+# transform that some StyleGAN3 state dicts leave out), and its tensors beyond one value per byte they store.
+_BUDGET_SLACK = 1 << 16
 
 _FIX_UNSAFE = ("Retrace reads only tensors and constructor arguments and never runs code from a file. Do not use "
                "this file; get the generator from its original publisher (an NVlabs .pkl, a rosinality .pt or a "
@@ -267,8 +310,8 @@ def _read(path: Path) -> GeneratorFile:
 
 
 def _read_safetensors(path: Path, size: int, sha: str) -> GeneratorFile:
+    """Metadata and the header's shapes are checked against a meta-device generator before any tensor is read."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
@@ -278,10 +321,20 @@ def _read_safetensors(path: Path, size: int, sha: str) -> GeneratorFile:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path), device="cpu")
+            family, init_kwargs = _retrace_metadata(path, metadata)
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            model = _check_tensors(family, init_kwargs, shapes)
+            tensors = {key: f.get_tensor(key) for key in shapes}
+    except (UnsafeFileError, UnsupportedFileError):
+        raise
     except Exception as exc:  # safetensors raises its own SafetensorError / OSError on bad input
         raise UnsupportedFileError(f"corrupted or truncated safetensors file ({exc}). Download or convert it "
                                    f"again.") from None
+    return _finish(family, init_kwargs, tensors, "retrace-safetensors", sha, model=model)
+
+
+def _retrace_metadata(path: Path, metadata: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """The family and constructor arguments a Retrace safetensors file records."""
     if metadata.get(META_FORMAT) != RETRACE_FORMAT:
         found = ", ".join(sorted(metadata)) or "none"
         raise UnsupportedFileError(
@@ -299,13 +352,16 @@ def _read_safetensors(path: Path, size: int, sha: str) -> GeneratorFile:
     source = metadata.get(META_SOURCE_SHA256)
     if source:
         log.info("%s: Retrace safetensors converted from a file with sha256 %s", path, source)
-    return _finish(family, init_kwargs, tensors, "retrace-safetensors", sha)
+    return family, init_kwargs
 
 
 # --- torch.save files (rosinality and NVlabs state dicts) ------------------------------------------------
 
 
 def _read_torch(path: Path, sha: str, what: str) -> GeneratorFile:
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            _check_zip_entries(path, os.fstat(f.fileno()).st_size)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, weights_only=True, map_location="cpu")
@@ -314,7 +370,64 @@ def _read_torch(path: Path, sha: str, what: str) -> GeneratorFile:
     except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError on damaged archives
         raise UnsupportedFileError(f"torch cannot read it ({what}): corrupted or truncated ({exc}). Download it "
                                    f"again.") from None
+    _check_stored_values(obj, what)
     return _from_container(obj, sha, origin=what)
+
+
+def _check_zip_entries(path: Path, size: int) -> None:
+    """Before torch reads a zip archive: torch.save stores every entry uncompressed, so a compressed entry, or
+    entries that declare more bytes than the file has, would make torch inflate far more than the file holds."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, ValueError, EOFError) as exc:
+        raise UnsupportedFileError(f"torch cannot read it (a torch.save zip archive): corrupted or truncated ({exc}). "
+                                   f"Download it again.") from None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            method = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+                      zipfile.ZIP_LZMA: "lzma"}.get(entry.compress_type, f"method {entry.compress_type}")
+            raise UnsupportedFileError(
+                f"its zip entry '{entry.filename}' is compressed ({method}: {entry.compress_size} bytes that declare "
+                f"{entry.file_size} bytes unpacked); torch.save never compresses, so the archive was repacked or "
+                f"crafted, and unpacking it could take far more memory than the file's {size} bytes. Get the original "
+                f"file from its publisher.")
+    declared = sum(entry.file_size for entry in entries)
+    if declared > size:
+        largest = max(entries, key=lambda entry: entry.file_size)
+        raise UnsupportedFileError(
+            f"its zip entries declare {declared} bytes in all (the largest, '{largest.filename}', {largest.file_size} "
+            f"bytes), more than the file's {size} bytes: the archive is damaged or crafted. Download it again.")
+
+
+def _check_stored_values(obj: Any, what: str) -> None:
+    """Refuse tensors off the CPU and tensors that claim more values than the file stores bytes (overlapping or
+    zero strides): a few bytes could otherwise ask for gigabytes once the tensors are cast or copied."""
+    values, stored = 0, {}
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            if item.device.type != "cpu":
+                raise UnsupportedFileError(f"{what} holding a tensor on the {item.device.type!r} device, with no "
+                                           f"values stored in the file; it is not a generator's weights")
+            values += item.numel()
+            storage = item.untyped_storage()
+            stored[storage.data_ptr()] = max(stored.get(storage.data_ptr(), 0), storage.nbytes())
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, _PersistentStub):
+            stack.append(item.state)
+    held = sum(stored.values())
+    if values > held + _BUDGET_SLACK:
+        raise UnsupportedFileError(f"{what} whose tensors claim {values:,} values but store only {held:,} bytes "
+                                   f"(tensors with overlapping strides): the file is damaged or crafted. Get the "
+                                   f"original file from its publisher.")
 
 
 def _unsafe_from_torch(exc: Exception, what: str) -> Exception:
@@ -583,6 +696,15 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any
         raise UnsupportedFileError("the pickle holds a tensor with a malformed offset, size or stride")
     if backward_hooks:
         raise UnsupportedFileError("the pickle holds a tensor with backward hooks")
+    if storage_offset < 0 or any(v < 0 for v in (*size, *stride)):
+        raise UnsupportedFileError(f"the pickle holds a tensor with a negative offset, size or stride "
+                                   f"({storage_offset}, {tuple(size)}, {tuple(stride)})")
+    needed = storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else 0
+    available = storage._size() if isinstance(storage, torch.storage.TypedStorage) else storage.nbytes()  # elements
+    if needed > available:
+        raise UnsupportedFileError(f"the pickle holds a tensor of size {tuple(size)} (stride {tuple(stride)}, offset "
+                                   f"{storage_offset}) that needs {needed} elements of a storage of {available}: "
+                                   f"the file is damaged or crafted")
     try:
         return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), False,
                                                collections.OrderedDict())
@@ -681,6 +803,7 @@ def _read_pickle(path: Path, sha: str) -> GeneratorFile:
                                    f"(TensorFlow-era pickles are tuples (G, D, Gs); Retrace does not read those).")
     if not isinstance(obj, dict):
         raise UnsupportedFileError(f"the pickle holds a {type(obj).__name__}, not an NVlabs network dict")
+    _check_stored_values(obj, "a pickle")
     generator = obj.get("G_ema")
     if not isinstance(generator, _PersistentStub):
         generator = obj.get("G")
@@ -1102,12 +1225,81 @@ def estimate_w_avg(state: dict[str, torch.Tensor], z_dim: int, w_dim: int, num_l
 # --- validation ------------------------------------------------------------------------------------------
 
 
+def _shown(value: Any) -> str:
+    """A constructor argument for a message: at most 40 characters (and no 4300-digit integer conversion)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"{'-' if value < 0 else ''}(an integer of {value.bit_length()} bits)"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_number(where: str, value: Any, bounds: tuple[int, int, str]) -> None:
+    lo, hi, meaning = bounds
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
+                                                                        and not math.isfinite(value)):
+        raise UnsupportedFileError(f"the constructor argument {where} is {_shown(value)}, not a number ({meaning}); "
+                                   f"the file is damaged or not a StyleGAN generator")
+    if value > hi:
+        raise UnsupportedFileError(f"{where} {_shown(value)} exceeds {hi}, the largest Retrace builds ({meaning}); "
+                                   f"the file is damaged or not a StyleGAN generator")
+    if value < lo:
+        raise UnsupportedFileError(f"{where} {_shown(value)} is below {lo}, the smallest Retrace builds ({meaning}); "
+                                   f"the file is damaged or not a StyleGAN generator")
+
+
+def _check_bounds(family: str, init_kwargs: dict[str, Any]) -> None:
+    """Refuse constructor arguments beyond what any published generator uses, before anything is built."""
+    nested = init_kwargs.get("synthesis_kwargs")
+    flat = {**init_kwargs, **(nested if isinstance(nested, dict) else {})}
+    missing = [k for k in _POSITIONAL[:5] if k not in flat]
+    if missing:
+        raise UnsupportedFileError(f"the generator's constructor arguments lack {missing}; the file is damaged or "
+                                   f"not a StyleGAN generator")
+    for name, bounds in {**_ARG_BOUNDS, **_FAMILY_BOUNDS[family]}.items():
+        _check_number(name, flat.get(name), bounds)
+    mapping = flat.get("mapping_kwargs") or {}
+    if not isinstance(mapping, dict):
+        raise UnsupportedFileError(f"the constructor argument mapping_kwargs is a {type(mapping).__name__}, not a dict")
+    for name, bounds in _MAPPING_BOUNDS.items():
+        _check_number(f"mapping_kwargs.{name}", mapping.get(name), bounds)
+    if family == "stylegan2":
+        taps = flat.get("resample_filter")
+        if isinstance(taps, (list, tuple)) and not 1 <= len(taps) <= _MAX_RESAMPLE_TAPS:
+            raise UnsupportedFileError(f"resample_filter has {len(taps)} taps; Retrace builds 1 to "
+                                       f"{_MAX_RESAMPLE_TAPS} (published generators use [1, 3, 3, 1]); the file is "
+                                       f"damaged or not a StyleGAN generator")
+        return
+    from .stylegan3 import synthesis_schedule
+
+    for name in _SG3_REAL_ARGS:
+        _check_number(name, flat.get(name), (2 ** -8, 4096, "a filter frequency setting of the layer schedule"))
+    keys = ("channel_base", "channel_max", "num_layers", "num_critical", "first_cutoff", "first_stopband",
+            "last_stopband_rel", "margin_size", "conv_kernel", "filter_size", "lrelu_upsampling",
+            "use_radial_filters")
+    try:
+        with np.errstate(all="ignore"):
+            _, specs = synthesis_schedule(int(flat["img_resolution"]), int(flat["img_channels"]),
+                                          **{k: flat[k] for k in keys if k in flat})
+    except Exception as exc:
+        raise UnsupportedFileError(f"its constructor arguments {init_kwargs} do not give a StyleGAN3 layer schedule: "
+                                   f"{type(exc).__name__}: {exc}") from None
+    taps = max(max(spec.up_taps, spec.down_taps) for spec in specs)
+    if taps > _MAX_FILTER_TAPS:
+        raise UnsupportedFileError(f"its StyleGAN3 settings ask for {taps}-tap filters; Retrace builds at most "
+                                   f"{_MAX_FILTER_TAPS} (published generators use 24 or fewer); the file is damaged "
+                                   f"or not a StyleGAN generator")
+
+
 def _build_for_check(family: str, init_kwargs: dict[str, Any]) -> nn.Module:
-    """Build the generator from ``init_kwargs`` to check the file's tensors against it."""
+    """The generator ``init_kwargs`` describe, on the meta device: shapes and dtypes, no memory for values."""
     if family not in ("stylegan2", "stylegan3"):
         raise UnsupportedFileError(f"unknown generator family {family!r}")
+    _check_bounds(family, init_kwargs)
     try:
-        return build_generator(family, copy.deepcopy(init_kwargs))
+        with torch.device("meta"):
+            return build_generator(family, copy.deepcopy(init_kwargs))
     except ImportError:
         raise
     except Exception as exc:
@@ -1115,15 +1307,22 @@ def _build_for_check(family: str, init_kwargs: dict[str, Any]) -> nn.Module:
                                    f"{type(exc).__name__}: {exc}") from None
 
 
-def _finish(family: str, init_kwargs: dict[str, Any], state: dict[str, torch.Tensor], source_format: str,
-            sha: str, pickled: _PersistentStub | None = None) -> GeneratorFile:
-    """Check the tensors against a generator built from ``init_kwargs``; canonicalise the arguments."""
+def _check_tensors(family: str, init_kwargs: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    """Compare a file's tensor names and shapes with the generator its settings describe (built on the meta
+    device, after a size budget), before any tensor needs to be in memory; returns that meta generator."""
     model = _build_for_check(family, init_kwargs)
     reference = model.state_dict()
-    missing = [k for k in reference if k not in state]
-    unexpected = [k for k in state if k not in reference]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(reference[k].shape)}" for k in reference
-             if k in state and tuple(state[k].shape) != tuple(reference[k].shape)]
+    needed = sum(t.numel() for t in reference.values())
+    held = sum(math.prod(shape) for shape in shapes.values())
+    if needed > held + _BUDGET_SLACK:
+        raise UnsupportedFileError(
+            f"its settings {init_kwargs} describe a {family} generator of {needed:,} values ({needed * 4 / 2**20:,.1f} "
+            f"MiB as float32), but the file holds only {held:,} values in {len(shapes)} tensors. A file cannot hold "
+            f"a generator larger than itself: it is damaged or its settings were edited.")
+    missing = [k for k in reference if k not in shapes]
+    unexpected = [k for k in shapes if k not in reference]
+    wrong = [f"{k} {tuple(shapes[k])} vs {tuple(reference[k].shape)}" for k in reference
+             if k in shapes and tuple(shapes[k]) != tuple(reference[k].shape)]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -1134,6 +1333,16 @@ def _finish(family: str, init_kwargs: dict[str, Any], state: dict[str, torch.Ten
             parts.append(f"wrong shapes (e.g. {wrong[:3]})")
         raise UnsupportedFileError(f"its tensors do not match a {family} generator built from its settings "
                                    f"{init_kwargs}: {'; '.join(parts)}")
+    return model
+
+
+def _finish(family: str, init_kwargs: dict[str, Any], state: dict[str, torch.Tensor], source_format: str,
+            sha: str, pickled: _PersistentStub | None = None, model: nn.Module | None = None) -> GeneratorFile:
+    """Check the tensors against the generator ``init_kwargs`` describe (``model``: already checked by
+    ``_check_tensors``); cast them to its dtypes and canonicalise the arguments."""
+    if model is None:
+        model = _check_tensors(family, init_kwargs, {k: tuple(t.shape) for k, t in state.items()})
+    reference = model.state_dict()
     tensors = {}
     for key, ref in reference.items():
         t = state[key].detach()

@@ -73,7 +73,31 @@ def check_latent(model: Any, latent: dict, what: str = "latent") -> torch.Tensor
             f"{what} has {samples.shape[1]} channels but this {model_name(model)} model expects {channels}. "
             "Encode the image with the VAE that belongs to this model."
         )
+    check_latent_size(model, tuple(samples.shape[-2:]), what)
     return samples
+
+
+def check_latent_size(model: Any, size: tuple[int, int], what: str = "latent") -> None:
+    """Raise where the model cannot take a latent this large: MMDiT (SD3) position embeddings cover a fixed grid."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    grid, patch = getattr(diffusion_model, "pos_embed_max_size", None), getattr(diffusion_model, "patch_size", None)
+    if not (isinstance(grid, int) and isinstance(patch, int)):
+        return
+    limit = grid * patch
+    if max(size) > limit:
+        raise ValueError(f"{what} is {size[0]}x{size[1]} (height x width, latent pixels), but this "
+                         f"{model_name(model)} model's position embedding covers at most {limit}x{limit}. Use a "
+                         f"smaller image (at most {limit} latent pixels a side) or crop it.")
+
+
+def check_unconditional_branch(model: Any, what: str) -> None:
+    """Raise where the model is guidance-distilled: guidance is an input of the network, there is no
+    unconditional branch of classifier-free guidance to optimise."""
+    if model.model.model_config.unet_config.get("guidance_embed"):
+        raise ValueError(f"{what} optimises the unconditional branch of classifier-free guidance, but this "
+                         f"{model_name(model)} model is guidance-distilled: it takes the guidance as an input and "
+                         f"has no unconditional branch. Use the Retrace Direct Inversion Guider (exact "
+                         f"reconstruction) or RF-Inversion with it instead.")
 
 
 def check_steps_and_guidance(steps: int, guidance: float) -> None:
@@ -99,8 +123,35 @@ class InversionCFGGuider(comfy.samplers.CFGGuider):
         return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
 
 
+def context_width(model: Any) -> int | None:
+    """The width of the text embeddings the model's network takes, from the host's config (None: not known)."""
+    config = model.model.model_config.unet_config
+    for key in ("context_dim", "context_in_dim"):  # UNets; Flux-like DiTs
+        if isinstance(config.get(key), int):
+            return config[key]
+    embedder = getattr(model.get_model_object("diffusion_model"), "context_embedder", None)  # MMDiT (SD3)
+    width = getattr(embedder, "in_features", None)
+    return width if isinstance(width, int) else None
+
+
+def check_conditioning(model: Any, conditioning: list | None, what: str) -> None:
+    """Raise where a CONDITIONING was encoded for another model: its embeddings would fail inside the network."""
+    width = context_width(model) if conditioning is not None else None
+    if width is None:
+        return
+    for entry in conditioning:
+        embedding = entry[0] if isinstance(entry, (list, tuple)) and entry else None
+        if isinstance(embedding, torch.Tensor) and embedding.ndim == 3 and embedding.shape[-1] != width:
+            raise ValueError(f"the {what} conditioning holds text embeddings {embedding.shape[-1]} wide (shape "
+                             f"{list(embedding.shape)}), but this {model_name(model)} model takes them {width} wide: "
+                             f"it was encoded with another model's text encoder. Encode the prompt with the CLIP "
+                             f"that belongs to this model.")
+
+
 def make_guider(model: Any, positive: list, negative: list | None, guidance: float) -> comfy.samplers.CFGGuider:
     """A CFGGuider (flow-safe for sampling an inversion back); without a negative only guidance 1 makes sense."""
+    check_conditioning(model, positive, "positive")
+    check_conditioning(model, negative, "negative")
     guider = InversionCFGGuider(model)
     if negative is None:
         if guidance != 1.0:

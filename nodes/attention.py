@@ -109,6 +109,49 @@ def token_edit(pair: PromptPair, mode: str, reweight_words: str, reweight_factor
     return TokenEdit(mapper=mapper, alpha=alpha, weights=weights)
 
 
+PAIR_OUTPUT = 2  # the Prompt Pair's ``pair`` output slot
+
+
+def _pair_users(prompt: dict | None, node_id: str | None) -> list[tuple[str, str, dict]]:
+    """The Attention Inject and Attention Maps nodes of the queued prompt fed by this Prompt Pair's pair, with
+    their inputs."""
+    if not isinstance(prompt, dict) or node_id is None:
+        return []
+    users = []
+    for other, node in prompt.items():
+        inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
+        link = inputs.get("pair")
+        if (node.get("class_type") in ("RetraceAttentionInject", "RetraceAttentionMaps") and isinstance(link, list)
+                and len(link) == 2 and str(link[0]) == str(node_id) and link[1] == PAIR_OUTPUT):
+            users.append((str(other), node["class_type"], inputs))
+    return users
+
+
+def check_pair_users(pair: PromptPair, prompt: dict | None, node_id: str | None) -> None:
+    """Refuse, when the pair is made, what the Attention Inject or Maps nodes it feeds would refuse after the
+    inversion and the source pass: unaligned word swaps and words missing from the prompts. Widgets fed by links
+    are left to those nodes."""
+    for other, class_type, inputs in _pair_users(prompt, node_id):
+        def text(name: str) -> str | None:
+            value = inputs.get(name)
+            return value if isinstance(value, str) else None
+        try:
+            if class_type == "RetraceAttentionMaps":
+                if text("words") is not None:
+                    for word in (w.strip() for w in text("words").split(",") if w.strip()):
+                        word_positions(pair.clip, pair.source, pair.source_length, word, warn=False)
+                continue
+            if text("mode") in MODES and text("reweight_words") is not None:
+                token_edit(pair, text("mode"), text("reweight_words"), 1.0)
+            if text("blend_words") is not None:
+                _blend_positions(pair, text("blend_words"))
+        except ValueError as e:
+            name = "Attention Inject" if class_type == "RetraceAttentionInject" else "Attention Maps"
+            reason = str(e).removeprefix("Retrace Attention Inject: ")
+            raise ValueError(f"Retrace Prompt Pair: the Retrace {name} node #{other} this pair feeds would refuse it "
+                             f"after the inversion and the source pass, so nothing has run yet: {reason}") from None
+
+
 class RetracePromptPair(RetraceNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -139,6 +182,7 @@ class RetracePromptPair(RetraceNode):
                                       tooltip="Both prompts' tokens; connect to Retrace Attention Inject and Retrace "
                                               "Attention Maps."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -148,7 +192,10 @@ class RetracePromptPair(RetraceNode):
         target = target if target.strip() else source
         source_cond, source_tokens = _encode(clip, source)
         target_cond, target_tokens = _encode(clip, target)
-        return io.NodeOutput(source_cond, target_cond, PromptPair(source, target, source_tokens, target_tokens, clip))
+        pair = PromptPair(source, target, source_tokens, target_tokens, clip)
+        hidden = getattr(cls, "hidden", None)
+        check_pair_users(pair, getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
+        return io.NodeOutput(source_cond, target_cond, pair)
 
 
 class RetraceAttentionStore(RetraceNode):

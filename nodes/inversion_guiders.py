@@ -11,7 +11,7 @@ from ..inversion.record import Inversion, fingerprint
 from ._api import RetraceNode, io
 from ._attention_hooks import records_attention, source_branch_options, store_of
 from ._guidance import ScheduledGuider
-from ._host import Inversion as InversionType, check_fits, check_steps_and_guidance, make_guider
+from ._host import Inversion as InversionType, check_conditioning, check_fits, check_steps_and_guidance, make_guider
 from .null_text import SCHEDULE_FIX
 
 GUIDANCE_TOOLTIP = "Classifier-free guidance to reconstruct or edit with (7.5 in the papers)."
@@ -127,6 +127,8 @@ class RetraceDirectInversionGuider(RetraceNode):
                 guidance: float) -> io.NodeOutput:
         check_steps_and_guidance(inversion.steps, guidance)
         check_fits(inversion, model, "the inversion")
+        for what, conditioning in (("positive", positive), ("source", source), ("negative", negative)):
+            check_conditioning(model, conditioning, what)
         return io.NodeOutput(DirectInversionGuider(model, inversion, positive, source, negative, guidance))
 
 

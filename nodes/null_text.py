@@ -15,7 +15,14 @@ from ..inversion.record import Inversion, NullText, fingerprint
 from ..inversion.schedules import reconstruction_sigmas
 from ._api import RetraceNode, io
 from ._guidance import ScheduledGuider, with_crossattn
-from ._host import Differentiable, Inversion as InversionType, check_fits, check_steps_and_guidance
+from ._host import (
+    Differentiable,
+    Inversion as InversionType,
+    check_conditioning,
+    check_fits,
+    check_steps_and_guidance,
+    check_unconditional_branch,
+)
 from .inversion import run_guider
 from .samplers import ode_sampler
 
@@ -120,6 +127,9 @@ def optimize_null_text(model: Any, inversion: Inversion, positive: list, negativ
     reconstruction they give."""
     check_steps_and_guidance(inversion.steps, guidance)
     check_fits(inversion, model, "the inversion")
+    check_unconditional_branch(model, "Null-text inversion")
+    check_conditioning(model, positive, "positive")
+    check_conditioning(model, negative, "negative")
     batch = inversion.latent_shape[0]
     check_single(negative, batch, "negative")
     if settings.start == "source":
@@ -252,6 +262,7 @@ class RetraceNullTextGuider(RetraceNode):
     @classmethod
     def execute(cls, model, null_text: NullText, positive: list) -> io.NodeOutput:
         check_fits(null_text, model, "the null-text")
+        check_conditioning(model, positive, "positive")
         return io.NodeOutput(NullTextGuider(model, null_text, positive))
 
 

@@ -37,12 +37,13 @@ def output_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 # Per-layer counts at the end of a run (make test prints them per host; RETRACE_LAYER_SUMMARY gets them as a line).
-LAYERS = ("core", "host", "e2e", "browser")
+LAYERS = ("core", "host", "e2e", "browser", "fuzz")
 _OUTCOMES: dict[str, Counter] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    layer = next((m for m in LAYERS if m in report.keywords), "unmarked")
+    # fuzz first: its prompt tests live in tests/e2e/, a folder name pytest counts among the keywords.
+    layer = next((m for m in ("fuzz", *LAYERS) if m in report.keywords), "unmarked")
     if report.when == "call":
         outcome = "skipped" if report.skipped else report.outcome
     elif report.outcome in ("skipped", "failed"):

@@ -1,34 +1,85 @@
 """The batch runner's bookkeeping (batch/plan.py, batch/cli.py) without Ray or a host: planning and its errors,
-resumability, folders that are not ours, ``--set`` and the image node, and writing each result exactly once."""
+resumability, folders that are not ours, bad images refused at planning, which failures Ray retries and which a
+re-run skips, ``--set`` and the image node, and writing each result exactly once."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import re
 import sys
 import threading
+import types
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+import batch
 from batch import cli
-from batch.plan import (FAILURES_FILE, FOREIGN_FOLDER, MANIFEST, PARTIAL_DIR, STATE_DIR, BatchError, Override,
-                        apply_overrides, check_choices, check_override_nodes, choose_image_node, finalize,
-                        load_workflow_file, make_plan, parse_override, rename_noreplace, sha256_bytes, stale_done)
+from batch.plan import (FAILURES_FILE, FOREIGN_FOLDER, MANIFEST, PARTIAL_DIR, RETRY_ON, STATE_DIR, BatchError,
+                        HostLost, ImageFailed, Override, apply_overrides, check_choices, check_override_nodes,
+                        choose_image_node, finalize, image_problem, load_workflow_file, make_plan, parse_override,
+                        rename_noreplace, retryable, sha256_bytes, stale_done, task_error, task_failure)
 from paths import ROOT
 
 pytestmark = pytest.mark.core
 
 WORKFLOW = ROOT / "workflows" / "stylegan_project_reconstruct.json"  # LoadImage is node 2
-PNG = b"\x89PNG\r\n\x1a\n" + b"not really a png, the planner never opens it"
+
+
+def png(seed: int, size: int = 8) -> bytes:
+    """A real PNG of random pixels (the planner decodes every image it would run): distinct bytes per seed."""
+    rng = random.Random(seed)
+    img = Image.frombytes("RGB", (size, size), bytes(rng.randrange(256) for _ in range(size * size * 3)))
+    buf = BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def images(folder: Path, *names: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
-        (folder / name).write_bytes(PNG + bytes([i]))
+        (folder / name).write_bytes(png(i))
     return folder
+
+
+class RayTaskError(Exception):
+    """What ``ray.get`` raises for a task that raised: the task's exception is its ``cause``."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def fake_driver(monkeypatch: pytest.MonkeyPatch, fail: dict[str, BaseException] | None = None) -> list[list[str]]:
+    """Replace the Ray driver (and the worker module, which imports Ray): each image of ``fail`` fails with that
+    exception as the task's, the others are written as done. Returns the images each run was given."""
+    calls: list[list[str]] = []
+
+    def run(todo, out_dir, workflow, image_node, overrides, host, options, progress=None):
+        calls.append([p.name for p in todo])
+        outcome = types.SimpleNamespace(done=[], skipped=[], failures=[], interrupted=False)
+        for p in todo:
+            sha = sha256_bytes(p.read_bytes())
+            if p.name in (fail or {}):
+                outcome.failures.append(task_failure(p.name, sha, RayTaskError(fail[p.name])))
+            else:
+                assert finalize(out_dir, p, sha, workflow, result(("5", "r.png", b"x"))) == "written"
+                outcome.done.append(p.name)
+        return outcome
+
+    driver = types.ModuleType("batch.driver")
+    driver.run, driver.RayOptions = run, lambda **kw: kw
+    worker = types.ModuleType("batch.worker")
+    worker.host_options = lambda *args, **kw: {}
+    for name, module in (("driver", driver), ("worker", worker)):
+        monkeypatch.setitem(sys.modules, f"batch.{name}", module)
+        monkeypatch.setattr(batch, name, module, raising=False)
+    return calls
 
 
 def ui_workflow(tmp_path: Path, nodes: list[tuple[int, str, int]], name: str = "wf.json") -> Path:
@@ -80,6 +131,7 @@ def test_plan_lists_images_sorted_and_sorts_them_into_todo(tmp_path: Path) -> No
     plan = make_plan(folder, tmp_path / "out")
     assert [p.name for p in plan.images] == ["a.JPG", "b.png", "c.webp", "d.tiff"]
     assert plan.todo == plan.images and plan.done == [] and plan.failures == []
+    assert [p.name for p in plan.ignored] == [".hidden.png", "notes.txt", "sub"]
     assert not (tmp_path / "out").exists(), "planning wrote something"
 
 
@@ -196,7 +248,9 @@ def test_done_folders_are_skipped_and_foreign_ones_never_touched(tmp_path: Path,
     assert "c.png: " in stdout and "exists, not a batch output; move it or choose another OUT" in stdout
     report = json.loads((out / STATE_DIR / FAILURES_FILE).read_text())
     assert [f["image"] for f in report["failures"]] == ["c.png", "d.png"]
-    assert report["counts"] == {"images": 4, "done": 0, "skipped": 2, "failed": 2, "unfinished": 0}
+    assert report["counts"] == {"images": 4, "done": 0, "skipped": 2, "failed": 2, "unfinished": 0,
+                                "previously_failed": 0}
+    assert all("sha256" not in f for f in report["failures"]), "a folder in the way is not the image's failure"
     assert tree(foreign) == before["c"] and (out / "d").stat().st_mtime_ns == before["d"]
     assert (out / "d").read_text() == "a file named like the image"
     assert tree(out / "a") == done_before
@@ -233,6 +287,172 @@ def test_stale_done_images_are_reported_but_kept(tmp_path: Path) -> None:
     assert len(notes) == 1 and notes[0].startswith("b.png: done with another version of the image;")
     assert len(stale_done(plan, "0" * 64)) == 2
     assert [p.name for p in plan.done] == ["a.png", "b.png"]
+
+
+# --- bad images, ignored files, retries and previous failures ----------------------------------------------
+
+
+def bad_folder(folder: Path) -> Path:
+    """good.png, a PNG cut in half, a text file named .png, and notes.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "good.png").write_bytes(png(1))
+    whole = png(2, size=64)
+    (folder / "half.png").write_bytes(whole[:len(whole) // 2])
+    (folder / "fake.png").write_text("this is not an image\n")
+    (folder / "notes.txt").write_text("shot on a Tuesday")
+    return folder
+
+
+def test_bad_images_fail_at_planning_and_other_files_are_listed(tmp_path: Path, capsys, monkeypatch,
+                                                               caplog) -> None:
+    caplog.set_level(logging.INFO, logger="retrace.batch")
+    src = bad_folder(tmp_path / "in")
+    plan = make_plan(src, tmp_path / "out")
+    assert [p.name for p in plan.todo] == ["good.png"]
+    assert [p.name for p in plan.ignored] == ["notes.txt"]
+    errors = {f.image: f.error for f in plan.failures}
+    assert sorted(errors) == ["fake.png", "half.png"]
+    assert errors["half.png"].startswith("truncated PNG: image file is truncated"), errors
+    assert errors["fake.png"].startswith("not an image Pillow can read (21 bytes starting b'this is "), errors
+    assert all("move it out of IMAGES" in e and "\n" not in e and "retrace_batch_" not in e for e in errors.values())
+    assert all(f.sha256 == sha256_bytes((src / f.image).read_bytes()) for f in plan.failures)
+
+    # Through the CLI: no Ray, no host for them; the summary names the failures and the ignored file.
+    (src / "good.png").unlink()
+    no_ray(monkeypatch)
+    code, stdout, err = run_cli(capsys, WORKFLOW, src, tmp_path / "out")
+    assert code == 1, err
+    assert "2 image(s)" in stdout and "0 done, 0 skipped (already done), 2 failed." in stdout
+    assert "  half.png: truncated PNG: image file is truncated" in stdout and "  fake.png: not an image" in stdout
+    assert "ignored 1 file(s) not ending in .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff" in stdout
+    assert stdout.rstrip().endswith(": notes.txt.")
+    assert "ignored 1 file(s)" in caplog.text and "notes.txt" in caplog.text, "not logged at planning"
+    report = json.loads((tmp_path / "out" / STATE_DIR / FAILURES_FILE).read_text())
+    assert sorted(f["image"] for f in report["failures"]) == ["fake.png", "half.png"]
+
+
+def test_image_problems() -> None:
+    assert image_problem(png(3), ".png") is None
+    jpg = BytesIO()
+    Image.open(BytesIO(png(4, size=64))).save(jpg, "JPEG")
+    assert image_problem(jpg.getvalue(), ".jpg") is None
+    assert image_problem(jpg.getvalue()[:len(jpg.getvalue()) // 2], ".jpg").startswith("truncated JPEG: ")
+    assert image_problem(b"", ".webp").startswith("not an image Pillow can read (0 bytes")
+    assert image_problem(png(5)[:20], ".png").startswith("not a readable image (")
+
+
+def test_decompression_bombs_are_refused_before_decoding(monkeypatch) -> None:
+    data = png(6, size=64)  # 4096 pixels
+    for limit in (4095, 2047, 100):  # over the limit (Pillow warns) and over twice the limit (Pillow raises)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        problem = image_problem(data, ".png")
+        assert problem is not None and "decompression bomb" in problem, (limit, problem)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4096)
+    assert image_problem(data, ".png") is None
+
+
+def test_summary_caps_the_ignored_list(tmp_path: Path) -> None:
+    folder = images(tmp_path / "in", "a.png")
+    for i in range(13):
+        (folder / f"n{i:02d}.txt").write_text("x")
+    (folder / "raw").mkdir()
+    plan = make_plan(folder, tmp_path / "out")
+    assert len(plan.ignored) == 14
+    text = cli.summary(1, 1, 0, [], 0.1, tmp_path / "f.json", ignored=plan.ignored)
+    line = text.splitlines()[-1]
+    assert line.startswith("ignored 14 file(s) not ending in .png") and line.endswith("n09.txt and 4 more.")
+    assert "n10.txt" not in line and "raw/" not in line
+    assert "ignored" not in cli.summary(1, 1, 0, [], 0.1, tmp_path / "f.json", ignored=[])
+
+
+def test_only_a_lost_host_is_retried() -> None:
+    upload = "retrace_batch_0123abcd.png"
+    lost = task_error(ConnectionResetError(f"reset while reading {upload}"), "cat.png", upload, host_gone=True,
+                      host_code=-9)
+    assert isinstance(lost, HostLost) and retryable(lost)
+    assert str(lost).startswith("the host exited with code -9 while running cat.png")
+    refusal = ('400 from /prompt: {"error": {"message": "Prompt outputs failed validation", "details": ""}, '
+               '"node_errors": {"2": {"errors": [{"message": "Custom validation failed for node", "details": '
+               f'"image - Invalid image file: {upload}"}}], "class_type": "LoadImage"}}}}}}')
+    refused = task_error(RuntimeError(refusal), "cat.png", upload, host_gone=False)
+    assert isinstance(refused, ImageFailed) and not retryable(refused)
+    assert str(refused) == ("the host refused the prompt for cat.png at validation: node 2 (LoadImage): Custom "
+                            "validation failed for node: image - Invalid image file: cat.png")
+    failed = task_error(RuntimeError(f"prompt 7 failed: LoadImage: cannot read {upload}"), "cat.png", upload, False)
+    assert isinstance(failed, ImageFailed) and upload not in str(failed) and "cannot read cat.png" in str(failed)
+    # The host answered and is alive: a connection error is not a reason to retry either.
+    assert isinstance(task_error(ConnectionRefusedError("refused"), "cat.png", upload, False), ImageFailed)
+    for err in (ImageFailed("x"), RuntimeError("x"), OSError("x"), TimeoutError("x"), ValueError("x")):
+        assert not retryable(err), err
+    assert RETRY_ON == (HostLost,)
+    # Ray gets exactly these classes (retry_exceptions=True would retry every image's own failure).
+    source = (ROOT / "batch" / "driver.py").read_text(encoding="utf-8")
+    assert "retry_exceptions=list(RETRY_ON)" in source and "retry_exceptions=True" not in source
+    # What the driver records: the image's own failure with its bytes' SHA-256, a lost host without.
+    own = task_failure("cat.png", "abc", RayTaskError(refused))
+    assert own.sha256 == "abc" and own.error == str(refused)
+    assert task_failure("cat.png", "abc", RayTaskError(lost)).sha256 == ""
+    assert task_failure("cat.png", "abc", RuntimeError("worker died")).sha256 == ""
+
+
+def test_a_rerun_skips_previous_failures_until_retried_or_changed(tmp_path: Path, capsys, monkeypatch) -> None:
+    src = images(tmp_path / "in", "a.png", "b.png", "c.png", "d.png")
+    (src / "c.png").write_text("not an image")
+    out = tmp_path / "out"
+    fail = {"b.png": ImageFailed("b.png failed on the host: ComfyError: out of luck"),
+            "d.png": HostLost("the host exited with code -9 while running d.png")}
+    calls = fake_driver(monkeypatch, fail)
+    code, stdout, err = run_cli(capsys, WORKFLOW, src, out)
+    assert code == 1 and calls == [["a.png", "b.png", "d.png"]], err
+    assert "1 done, 0 skipped (already done), 3 failed." in stdout
+    report = json.loads((out / STATE_DIR / FAILURES_FILE).read_text())
+    shas = {f["image"]: f.get("sha256") for f in report["failures"]}
+    assert shas == {"c.png": sha256_bytes((src / "c.png").read_bytes()),
+                    "b.png": sha256_bytes((src / "b.png").read_bytes()), "d.png": None}
+
+    # Re-run: b and c failed on their own bytes and are skipped; d lost its host and is tried again.
+    code, stdout, _ = run_cli(capsys, WORKFLOW, src, out)
+    assert code == 1 and calls[-1] == ["d.png"]
+    assert "1 skipped (already done), 1 failed, 2 previously failed (skipped)." in stdout
+    assert "Previously failed (2); pass --retry-failed to try them again" in stdout
+    assert "  b.png: b.png failed on the host: ComfyError: out of luck" in stdout
+    plan = make_plan(src, out)
+    assert [f.image for f in plan.previously_failed] == ["b.png", "c.png"] and [p.name for p in plan.todo] == ["d.png"]
+    report = json.loads((out / STATE_DIR / FAILURES_FILE).read_text())
+    assert sorted(f["image"] for f in report["failures"]) == ["b.png", "c.png", "d.png"], "skipped ones forgotten"
+    assert report["counts"]["previously_failed"] == 2
+
+    # c is fixed (new bytes): tried again by itself; b stays skipped.
+    (src / "c.png").write_bytes(png(9))
+    del fail["d.png"]
+    code, stdout, _ = run_cli(capsys, WORKFLOW, src, out)
+    assert calls[-1] == ["c.png", "d.png"] and code == 1
+    assert "2 done, 1 skipped (already done), 0 failed, 1 previously failed (skipped)." in stdout
+    # --retry-failed runs b again.
+    del fail["b.png"]
+    code, stdout, _ = run_cli(capsys, WORKFLOW, src, out, "--retry-failed")
+    assert code == 0 and calls[-1] == ["b.png"]
+    assert "1 done, 3 skipped (already done), 0 failed." in stdout and "previously" not in stdout
+    assert json.loads((out / STATE_DIR / FAILURES_FILE).read_text())["failures"] == []
+
+
+def test_failures_files_without_sha_or_unreadable_mean_retry(tmp_path: Path) -> None:
+    src = images(tmp_path / "in", "a.png", "b.png")
+    state = tmp_path / "out" / STATE_DIR
+    state.mkdir(parents=True)
+    old = {"finished": "2025-01-01T00:00:00.000Z", "workflow": "wf.json", "counts": {},
+           "failures": [{"image": "a.png", "error": "old", "detail": ""},
+                        {"image": "b.png", "error": "old", "detail": "", "sha256": "0" * 64}]}
+    (state / FAILURES_FILE).write_text(json.dumps(old))
+    plan = make_plan(src, tmp_path / "out")
+    assert [p.name for p in plan.todo] == ["a.png", "b.png"] and plan.previously_failed == []
+    old["failures"][1]["sha256"] = sha256_bytes((src / "b.png").read_bytes())
+    (state / FAILURES_FILE).write_text(json.dumps(old))
+    plan = make_plan(src, tmp_path / "out")
+    assert [p.name for p in plan.todo] == ["a.png"] and [f.image for f in plan.previously_failed] == ["b.png"]
+    assert [p.name for p in make_plan(src, tmp_path / "out", retry_failed=True).todo] == ["a.png", "b.png"]
+    (state / FAILURES_FILE).write_text("{broken")
+    assert [p.name for p in make_plan(src, tmp_path / "out").todo] == ["a.png", "b.png"]
 
 
 # --- the workflow's image input and --set ------------------------------------------------------------------

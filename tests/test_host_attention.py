@@ -258,6 +258,32 @@ def test_inject_node_refuses_bad_input_before_sampling(case: Case, source_pass) 
     assert weights[5] == 2.0 and weights.sum() == TOKENS + 1
 
 
+
+def test_prompt_pair_refuses_what_its_inject_and_maps_nodes_would_when_it_is_made() -> None:
+    """The queued prompt tells the Prompt Pair which Inject and Maps nodes take its pair: what they would refuse
+    after the inversion and the source pass is refused when the pair is made (before any model call)."""
+    from retrace.nodes.attention import check_pair_users
+
+    def graph(pair_link: list, node: str = "RetraceAttentionInject", **widgets: Any) -> dict:
+        inputs = {"mode": "replace", "reweight_words": "", "blend_words": "auto", **widgets, "pair": pair_link}
+        return {"4": {"class_type": "RetracePromptPair", "inputs": {}}, "9": {"class_type": node, "inputs": inputs}}
+
+    swap, longer = pair_of("a photo of a cat", "a photo of a dog"), pair_of("a photo of a cat", "a photo of a big cat")
+    check_pair_users(swap, graph(["4", 2], blend_words="cat, dog", reweight_words="dog"), "4")
+    check_pair_users(longer, graph(["4", 2], mode="refine"), "4")
+    with pytest.raises(ValueError, match=r"Inject node #9 this pair feeds would refuse it .* same number of words"):
+        check_pair_users(longer, graph(["4", 2]), "4")
+    with pytest.raises(ValueError, match=r"node #9 .* blend word 'horse' is in neither prompt"):
+        check_pair_users(swap, graph(["4", 2], blend_words="horse"), "4")
+    with pytest.raises(ValueError, match=r"node #9 .* the word 'horse' is not in the prompt"):
+        check_pair_users(swap, graph(["4", 2], reweight_words="horse"), "4")
+    with pytest.raises(ValueError, match=r"Attention Maps node #9 .* the word 'dog' is not in the prompt"):
+        check_pair_users(swap, graph(["4", 2], node="RetraceAttentionMaps", words="cat, dog"), "4")
+    # Not this pair's user, a widget fed by a link, or no prompt (a direct call): left to the node itself.
+    check_pair_users(longer, graph(["7", 2]), "4")
+    check_pair_users(longer, graph(["4", 2], mode=["12", 0]), "4")
+    check_pair_users(longer, None, None)
+
 def ulp(x: float) -> float:
     """The spacing of float32 numbers at ``x``."""
     return float(torch.finfo(torch.float32).eps) * 2.0 ** math.floor(math.log2(abs(x)))

@@ -21,6 +21,7 @@ from comfy_extras import nodes_custom_sampler as custom  # noqa: E402
 from retrace.inversion.record import Inversion  # noqa: E402
 from retrace.nodes import inversion as node_inversion  # noqa: E402
 from retrace.nodes import inversion_io  # noqa: E402
+from retrace.nodes._host import check_latent  # noqa: E402
 from retrace.nodes import samplers as node_samplers  # noqa: E402
 
 pytestmark = pytest.mark.host
@@ -131,6 +132,55 @@ def test_guidance_without_negative(sd15: Counted, sd15_inversion: Inversion) -> 
     refused(sd15, r"guidance 7.5 needs a negative conditioning", lambda: invert(sd15, guidance=7.5))
     refused(sd15, r"guidance 3.0 needs a negative conditioning", lambda: node_inversion.RetraceSampleInversion.execute(
         sd15.model, sd15_inversion, tiny_models.conditioning("sd15"), 3.0))
+
+
+def test_a_latent_beyond_the_position_embedding_is_refused() -> None:
+    """SD3's MMDiT embeds positions on a fixed grid (pos_embed_max_size x patch): a larger latent used to fail in
+    the first model call, after the VAE and any earlier node had run."""
+    sd3 = Counted("sd3")
+    diffusion_model = sd3.model.get_model_object("diffusion_model")
+    limit = diffusion_model.pos_embed_max_size * diffusion_model.patch_size
+    assert check_latent(sd3.model, tiny_models.latent("sd3", height=limit, width=8)).shape[-2] == limit
+    refused(sd3, rf"is {limit + 2}x8 .* covers at most {limit}x{limit}",
+            lambda: invert(sd3, tiny_models.latent("sd3", height=limit + 2, width=8)))
+
+
+
+@pytest.mark.parametrize(("kind", "other"), [("flux", "sdxl"), ("sd15", "sd2v"), ("sd3", "sd15")])
+def test_conditioning_from_another_text_encoder_is_refused(kind: str, other: str) -> None:
+    """A prompt encoded with another model's CLIP used to fail in the network's first matmul (after the VAE, and
+    for null-text after seconds of work)."""
+    from retrace.nodes import inversion_guiders
+
+    counted = Counted(kind)
+    wrong = tiny_models.conditioning(other)
+    width = tiny_models.CONTEXT_DIM[other]
+    expected = rf"conditioning holds text embeddings {width} wide .* this {tiny_models.CONFIG_NAME[kind]} model takes them {tiny_models.CONTEXT_DIM[kind]}"
+    refused(counted, "positive " + expected, lambda: node_inversion.RetraceInvert
+            .execute(counted.model, tiny_models.latent(kind), wrong, 2, 1.0, "normal"))
+    with torch.inference_mode():
+        _, inv = node_inversion.invert(counted.model, tiny_models.latent(kind), tiny_models.conditioning(kind), None,
+                                       1, 1.0, "normal")
+    right = tiny_models.conditioning(kind)
+    refused(counted, "negative " + expected, lambda: node_inversion.RetraceSampleInversion.execute(
+        counted.model, inv, right, 2.0, negative=wrong))
+    refused(counted, "source " + expected, lambda: inversion_guiders.RetraceDirectInversionGuider.execute(
+        counted.model, inv, right, wrong, right, 2.0))
+
+def test_null_text_on_a_guidance_distilled_model_is_refused_before_it_runs() -> None:
+    """Flux-dev takes guidance as an input: there is no unconditional branch to optimise (the optimisation used
+    to start and fail in the backward pass)."""
+    from retrace.nodes import null_text
+
+    flux = Counted("flux")
+    with torch.inference_mode():
+        _, inv = node_inversion.invert(flux.model, tiny_models.latent("flux"), tiny_models.conditioning("flux"), None,
+                                       1, 1.0, "normal")
+    msg = refused(flux, r"Flux model is guidance-distilled", lambda: null_text.RetraceNullTextInversion.execute(
+        flux.model, inv, tiny_models.conditioning("flux"), tiny_models.conditioning("flux", seed=1), 3.5,
+        "gauss_newton", "source", 1, 10, 0.01, 1e-5))
+    assert "Direct Inversion Guider" in msg
+
 
 
 # Save / load

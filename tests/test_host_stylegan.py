@@ -166,6 +166,9 @@ def test_bad_images_are_refused_or_resized_as_asked(folder: Path) -> None:
         run_project(gan, torch.rand(1, 16, 16, 3), downscale=3, steps=2)
     small, _ = run_project(gan, torch.rand(1, 4, 4, 3), downscale=4, steps=2)
     assert small.ws.shape == (1, gan.info.num_ws, 32)
+    # The largest downscale on the smallest generator compares one pixel (it once failed in SSIM's padding).
+    one_pixel, render = run_project(gan, torch.rand(1, 16, 16, 3), downscale=16, steps=2)
+    assert one_pixel.ws.shape == (1, gan.info.num_ws, 32) and torch.isfinite(render).all()
     sg3_latent = generate(load("sg3.safetensors"), batch_size=1)[1]
     with pytest.raises(ValueError, match="rows of 32 values, but sg2_retrace.safetensors takes"):
         generate(gan, latent=sg3_latent)

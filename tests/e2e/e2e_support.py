@@ -11,7 +11,7 @@ import torch
 from paths import ROOT
 from scripts.comfy_server import ComfyClient, ComfyServer
 from scripts.images import load_rgb
-from scripts.workflow_api import ApiPrompt, nodes_of_type
+from scripts.workflow_api import ApiPrompt, fill_load_image, load_workflow, nodes_of_type, set_inputs, ui_to_api
 
 WORKFLOWS = ROOT / "workflows"
 TEST_NODES = ROOT / "tests" / "e2e_nodes"
@@ -82,6 +82,24 @@ def lower_steps(prompt: ApiPrompt, steps: int) -> None:
                     o["stop_step"] = max(1, round(o["stop_step"] * steps / old))
                     o["start_step"] = min(o["start_step"], o["stop_step"])
 
+
+
+def prepare_workflow(path: Path, object_info: dict[str, Any], input_image: str, checkpoint: str,
+                     stylegan: str | None, steps: int) -> ApiPrompt:
+    """A shared workflow as the tests run it: the tiny checkpoint, test loaders or tiny generator in place of the
+    real models, ``steps`` steps, the test image in every LoadImage."""
+    prompt = ui_to_api(load_workflow(path), object_info)
+    kind = WORKFLOW_KINDS[path.name]
+    if kind == "stylegan":
+        set_inputs(prompt, only(prompt, "RetraceStyleGANLoader"), generator=stylegan)
+    elif kind is None:
+        set_inputs(prompt, only(prompt, "CheckpointLoaderSimple"), ckpt_name=checkpoint)
+    elif kind != "toy":
+        assert swap_loaders(prompt, kind), f"{path.name}: no loader to swap"
+    lower_steps(prompt, steps)
+    if nodes_of_type(prompt, "LoadImage"):
+        fill_load_image(prompt, input_image)
+    return prompt
 
 def add_save_latent(prompt: ApiPrompt, source: str, slot: int, prefix: str) -> str:
     """Append a core SaveLatent node on (source, slot); return its id."""

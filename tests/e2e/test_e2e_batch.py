@@ -1,6 +1,8 @@
 """The batch runner end to end: a local Ray instance with two workers, each running the real host headless, runs
 a StyleGAN projection workflow over six images; one worker's host is killed (SIGKILL) mid-image. Every image must
-end up done exactly once, and a re-run must skip everything without Ray or a host.
+end up done exactly once, and a re-run must skip everything without Ray or a host. Bad files fail at planning, a
+prompt the host refuses is reported under the user's file name, and Ray retries a lost host but never an image's
+own failure.
 
 Needs Ray (requirements-batch.txt, part of requirements-dev.txt); skipped, with the reason, without it. The run's
 timings go to tests/out/batch_timing.json.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import calendar
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +34,8 @@ except ImportError as err:  # pragma: no cover
     pytest.skip(f"Ray is not installed ({err}); the batch runner's end-to-end test needs it: "
                 "pip install -r requirements-batch.txt", allow_module_level=True)
 
-from batch.plan import FAILURES_FILE, MANIFEST, PARTIAL_DIR, STATE_DIR, sha256_bytes  # noqa: E402
+from batch.plan import (FAILURES_FILE, MANIFEST, PARTIAL_DIR, RETRY_ON, STATE_DIR, HostLost,  # noqa: E402
+                        ImageFailed, sha256_bytes)
 from batch.worker import TASK_MARKER  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -283,3 +287,82 @@ def test_batch_runs_on_an_existing_cluster_named_by_ray_address(tmp_path: Path, 
             assert [o["file"] for o in manifest["outputs"]] == ["5_0.png"] and manifest["worker"]["host_pid"]
     finally:
         subprocess.run([*ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_retries_a_lost_host_and_never_the_images_own_failure(tmp_path: Path) -> None:
+    """The driver's retry_exceptions=list(RETRY_ON) as Ray applies it: HostLost is retried, ImageFailed is not."""
+    import ray
+
+    @ray.remote
+    def attempt(kind: str, folder: str) -> int:
+        n = len(list(Path(folder).glob(f"{kind}-*")))
+        (Path(folder) / f"{kind}-{n}").touch()
+        if kind == "lost" and n < 2:
+            raise HostLost(f"the host exited with code -9 while running cat.png (try {n})")
+        if kind == "own":
+            raise ImageFailed("the host refused the prompt for cat.png at validation: no")
+        return n
+
+    folder = tmp_path / "attempts"
+    folder.mkdir()
+    # Not the driver's start_ray: its code_search_path makes Ray import tasks by module name, and this one is the
+    # test's. The workers import batch.plan (the exception classes) from ROOT.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0"}})
+    try:
+        task = dict(num_cpus=1, max_retries=2, retry_exceptions=list(RETRY_ON))
+        assert ray.get(attempt.options(**task).remote("lost", str(folder))) == 2
+        with pytest.raises(ImageFailed, match="refused the prompt for cat.png"):
+            ray.get(attempt.options(**task).remote("own", str(folder)))
+    finally:
+        ray.shutdown()
+    assert len(list(folder.glob("lost-*"))) == 3 and len(list(folder.glob("own-*"))) == 1
+
+
+def test_bad_files_fail_before_ray_and_a_refused_prompt_names_the_image(tmp_path: Path, tiny_stylegan: Path) -> None:
+    """A truncated PNG and a text file named .jpg fail at planning, notes.txt is listed as ignored, the host's
+    validation refusal (steps=0, under its minimum) names shot_0.png, not its upload name; a re-run skips all three
+    without Ray."""
+    gan = tmp_path / "gan"
+    gan.mkdir()
+    shutil.copyfile(tiny_stylegan, gan / tiny_stylegan.name)
+    src = tmp_path / "images"
+    src.mkdir()
+    make_test_image(40, seed=20).save(src / "shot_0.png")
+    make_test_image(40, seed=21).save(src / "whole.png")
+    whole = (src / "whole.png").read_bytes()
+    (src / "whole.png").unlink()
+    (src / "broken.png").write_bytes(whole[:len(whole) // 2])
+    (src / "fake.jpg").write_text("not a picture")
+    (src / "notes.txt").write_text("a note")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "batch", str(WORKFLOW), str(src), str(out), "--workers", "1", "--retries", "2",
+           "--work-dir", str(tmp_path / "work"), "--model-dir", f"stylegan={gan}",
+           "--set", f"1.generator={tiny_stylegan.name}", "--set", "3.steps=0", "--no-progress"]
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "bad.log"
+    code, _, _ = _run(cmd, log, env)
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert code == 1, text[-4000:]
+    assert "3 image(s)" in text and "0 done, 0 skipped (already done), 3 failed." in text, text[-3000:]
+    assert "  broken.png: truncated PNG: image file is truncated" in text, text[-3000:]
+    assert "  fake.jpg: not an image Pillow can read" in text, text[-3000:]
+    refused = [line for line in text.splitlines() if line.startswith("  shot_0.png: ")]
+    assert len(refused) == 1 and "the host refused the prompt for shot_0.png at validation" in refused[0], text[-3000:]
+    assert "node 3 (RetraceStyleGANProject)" in refused[0] and "steps" in refused[0], refused
+    assert not re.search(r"retrace_batch_[0-9a-f]{32}", text), "a temporary upload name reached the user"
+    assert "ignored 1 file(s)" in text and text.rstrip().endswith(": notes.txt."), text[-1000:]
+    assert sorted(p.name for p in out.iterdir()) == [STATE_DIR]
+    report = json.loads((out / STATE_DIR / FAILURES_FILE).read_text(encoding="utf-8"))
+    assert {f["image"]: f.get("sha256") for f in report["failures"]} == {
+        name: sha256_bytes((src / name).read_bytes()) for name in ("broken.png", "fake.jpg", "shot_0.png")}
+
+    # The re-run skips all three (same bytes) and needs no Ray.
+    blocker = tmp_path / "no_ray" / "ray"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('the re-run must not import ray')\n")
+    code2, _, _ = _run(cmd, tmp_path / "rerun.log", {**env, "PYTHONPATH": str(blocker.parent)})
+    text2 = (tmp_path / "rerun.log").read_text(encoding="utf-8", errors="replace")
+    assert code2 == 1, text2[-3000:]
+    assert "0 failed, 3 previously failed (skipped)." in text2 and "pass --retry-failed" in text2, text2[-3000:]

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 from e2e_support import (LATENT_CHANNELS, LOADER_SWAPS, WORKFLOW_KINDS, WORKFLOWS, add_save_latent, lower_steps, only,
-                         result_node, retrace_node_ids_in_source, saved_latent, swap_loaders, viewed_images,
-                         workflow_files)
+                         prepare_workflow, result_node, retrace_node_ids_in_source, saved_latent,
+                         viewed_images, workflow_files)
 
+from scripts.comfy_server import ComfyError
 from scripts.images import load_rgb
 from scripts.workflow_api import fill_load_image, load_workflow, set_inputs, ui_to_api
 
@@ -45,17 +46,9 @@ def test_every_workflow_has_a_test_setup() -> None:
 def test_workflow_runs(path, server, client, object_info: dict, input_image: str, tiny_checkpoint) -> None:
     workflow = load_workflow(path)
     assert workflow["version"] == 0.4
-    prompt = ui_to_api(workflow, object_info)
+    prompt = prepare_workflow(path, object_info, input_image, tiny_checkpoint.name, None, STEPS)
     assert len(prompt) == len(workflow["nodes"])  # no frontend-only nodes in our files
-    kind = WORKFLOW_KINDS[path.name]
-    if kind is None:
-        kind = "sd15"
-        set_inputs(prompt, only(prompt, "CheckpointLoaderSimple"), ckpt_name=tiny_checkpoint.name)
-    elif kind != "toy":
-        swapped = swap_loaders(prompt, kind)
-        assert swapped, f"{path.name}: no loader to swap"
-    lower_steps(prompt, STEPS)
-    fill_load_image(prompt, input_image)
+    kind = WORKFLOW_KINDS[path.name] or "sd15"
     for nid, node in prompt.items():  # every required input is there; combo values are among the options
         schema = object_info[node["class_type"]]
         for name, spec in schema["input"]["required"].items():
@@ -151,6 +144,23 @@ def test_attention_edits_back_to_back(server, client, object_info: dict, input_i
     assert torch.equal(other_alone, other_again)
     assert not torch.equal(alone, other_alone)
 
+
+
+def test_a_pair_the_inject_would_refuse_fails_before_the_inversion(server, client, object_info: dict,
+                                                                    input_image: str, tiny_checkpoint) -> None:
+    """A word swap whose prompts do not align fails at Retrace Prompt Pair, before the inversion, null-text and the
+    source pass run (it used to fail at Attention Inject, after all of them)."""
+    prompt, _ = _word_swap(object_info, input_image, tiny_checkpoint.name, "a photo of a cat sitting on a wooden table",
+                           "a photo of a big dog sitting on a wooden table", "auto")
+    prompt_id = client.queue_prompt(prompt)
+    with pytest.raises(ComfyError, match="same number of words"):
+        client.wait(prompt_id, timeout=240)
+    status = client.get_json(f"/history/{prompt_id}")[prompt_id]["status"]
+    error = next(m[1] for m in status["messages"] if m[0] == "execution_error")
+    assert error["node_type"] == "RetracePromptPair"
+    ran = {prompt[n]["class_type"] for n in error["executed"] if n in prompt}
+    assert not ran & {"RetraceInvert", "RetraceNullTextInversion", "SamplerCustomAdvanced",
+                      "RetraceSampleInversionGuided", "RetraceAttentionInject"}, ran
 
 def test_node_schemas_match_the_committed_snapshot(object_info: dict) -> None:
     """Shared workflow files address widgets by position and links by slot: ids, input order and types, and
