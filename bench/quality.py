@@ -88,14 +88,14 @@ class World:
 
 
 def p2p(world: World, inversion: Any, pair: tuple, guider_for: Callable[[Any, list, list], Any],
-        **inject: Any) -> Edited:
-    """Source pass through an attention store, edit pass through Attention Inject, both with ``guider_for``."""
+        store_self: str = "queries and keys", **inject: Any) -> Edited:
+    """Source pass through an attention store (self-attention kept as ``store_self``), edit pass through Attention
+    Inject, both with ``guider_for``."""
     from retrace.nodes.attention import RetraceAttentionInject, RetraceAttentionStore
     from retrace.nodes.inversion import sample_with_guider
 
     source_cond, target_cond, prompt_pair = pair
-    stored_model, store = RetraceAttentionStore.execute(world.model, True, "queries and keys", "auto", "float32",
-                                                        8192).args
+    stored_model, store = RetraceAttentionStore.execute(world.model, True, store_self, "auto", "float32", 8192).args
     source = sample_with_guider(stored_model, inversion, guider_for(stored_model, source_cond, source_cond))
     edit_model = RetraceAttentionInject.execute(world.model, prompt_pair, store=store, source_result=source,
                                                 **{**INJECT_DEFAULTS, **inject}).args[0]
@@ -144,16 +144,26 @@ def null_text(recipe: dict) -> Callable[..., Edited]:
     return run
 
 
-def with_blend(pipeline: Callable[..., Edited]) -> Callable[..., Edited]:
+NEW_WORD = object()  # in with_inject's settings: the edit's new word
+
+
+def with_inject(pipeline: Callable[..., Edited], **settings: Any) -> Callable[..., Edited]:
+    """``pipeline`` with these Attention Inject settings (and ``store_self`` for the store) over the defaults."""
     def run(world: World, latent: torch.Tensor, pair: tuple, old: str, new: str) -> Edited:
-        return pipeline(world, latent, pair, blend_words="auto")
+        return pipeline(world, latent, pair, **{k: new if v is NEW_WORD else v for k, v in settings.items()})
     return run
 
 
 def plain(pipeline: Callable[..., Edited]) -> Callable[..., Edited]:
-    def run(world: World, latent: torch.Tensor, pair: tuple, old: str, new: str) -> Edited:
-        return pipeline(world, latent, pair)
-    return run
+    return with_inject(pipeline)
+
+
+def with_blend(pipeline: Callable[..., Edited]) -> Callable[..., Edited]:
+    return with_inject(pipeline, blend_words="auto")
+
+
+# MasaCtrl (Cao et al. 2023) as published: mutual self-attention from step 4 and layer 10, no cross-attention maps.
+MASACTRL = {"mode": "none", "self_attention": "mutual", "store_self": "keys and values"}
 
 
 DESCRIPTIONS = {
@@ -172,6 +182,12 @@ PIPELINES: dict[str, Callable[..., Edited]] = {
     "direct_p2p": plain(direct), "direct_p2p_blend": with_blend(direct),
     **{f"{name}_p2p": plain(null_text(recipe)) for name, recipe in NULL_TEXT_RECIPES.items()},
     **{f"{name}_p2p_blend": with_blend(null_text(recipe)) for name, recipe in NULL_TEXT_RECIPES.items()},
+    # The other attention controls on the best pipeline: P2P refine (the pair aligned as added and removed words),
+    # reweight (the new word's attention doubled), and MasaCtrl (on DDIM inversion, as published, and direct).
+    "direct_refine_blend": with_inject(direct, mode="refine", blend_words="auto"),
+    "direct_reweight_blend": with_inject(direct, reweight_words=NEW_WORD, reweight_factor=2.0, blend_words="auto"),
+    "ddim_masactrl": with_inject(ddim, **MASACTRL),
+    "direct_masactrl": with_inject(direct, **MASACTRL),
 }
 
 
