@@ -7,7 +7,7 @@ import math
 import torch
 
 from retrace.inversion import samplers as S
-from retrace.inversion.oracle import GaussianDenoiser, GaussianMixtureDenoiser
+from oracle_denoisers import GaussianDenoiser, GaussianMixtureDenoiser
 
 STEPS = (10, 20, 40, 80)
 SOLVE = {"euler": S.sample_euler_ode, "midpoint": S.sample_midpoint_ode}

@@ -153,7 +153,7 @@ def test_direct_inversion_reconstructs_exactly(kind):
     x0 = model.image()
     sigmas = ascending(kind, STEPS)
     if kind == "flow":  # a flow-matching Gaussian: x = (1 - s) x0 + s n, the same branches in flow form
-        from retrace.inversion.oracle import GaussianDenoiser
+        from oracle_denoisers import GaussianDenoiser
         oracle = GaussianDenoiser(model.mean(model.cond_embedding), model.var, "flow")
         conditional = oracle
     else:
