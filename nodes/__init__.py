@@ -8,7 +8,8 @@ from .directions import NODES as DIRECTION_NODES, register_direction_folder
 from .gan_projection import NODES as GAN_PROJECTION_NODES
 from .inversion import NODES as INVERSION_NODES
 from .inversion_guiders import NODES as GUIDER_NODES
-from .inversion_io import NODES as INVERSION_IO_NODES, register_folder
+from ._records import register_folder
+from .inversion_io import NODES as INVERSION_IO_NODES
 from .null_text import NODES as NULL_TEXT_NODES
 from ._stylegan import register_folders
 from .samplers import NODES as SAMPLER_NODES

@@ -12,6 +12,9 @@ from ..inversion.record import fingerprint, same_fingerprint
 from ..inversion.schedules import step_index
 from ._host import InversionCFGGuider
 
+SCHEDULE_FIX = ("Sample with the inversion's own schedule: Retrace Sample Inversion (Guider), or BasicScheduler "
+                "with the scheduler and steps the inversion used.")
+
 
 def with_crossattn(conds: list[dict], embedding: torch.Tensor) -> list[dict]:
     """A copy of processed host conds whose cross-attention embedding is ``embedding`` (the originals stay)."""

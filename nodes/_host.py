@@ -15,6 +15,7 @@ from ._api import io
 log = logging.getLogger("retrace")
 
 Inversion = io.Custom("RETRACE_INVERSION")
+NullTextType = io.Custom("RETRACE_NULL_TEXT")
 
 FAMILY_NAMES = {"eps": "eps-prediction (SD1.x, SDXL)", "v": "v-prediction (SD2.x 768-v)",
                 "flow": "rectified flow (Flux, SD3)"}

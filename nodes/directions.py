@@ -34,7 +34,7 @@ from ..inversion.gan_latent import GanLatent
 from ..inversion.gan_projection import sample_ws
 from ._api import RetraceNode, io, ui
 from ._stylegan import GanLatentType, StyleGAN, StyleGANType, base_id, check_latent_fits, tensor_to_image
-from .inversion_io import (FOLDER as RECORD_FOLDER, file_exists, record_file_input, register_folder, save_record,
+from ._records import (FOLDER as RECORD_FOLDER, file_exists, record_file_input, register_folder, save_record,
                            save_schema)
 
 log = logging.getLogger("retrace")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import comfy.samplers
 import comfy.utils
-import latent_preview
 import torch
 
 from ..inversion.record import Inversion
@@ -13,7 +12,7 @@ from ._api import RetraceNode, io
 from ._guidance import ScheduledGuider
 from ._host import (Inversion as InversionType, check_fits, check_latent, check_steps_and_guidance, make_guider,
                     model_family, model_name)
-from .samplers import SOLVERS, RetraceSampler, ode_sampler
+from ._sampling import SOLVERS, RetraceSampler, ode_sampler, run_guider
 
 # Highest sigma of a flow-model inversion schedule meant for SamplerCustomAdvanced: the host divides the
 # result by (1 - sigma), so it must stay below 1. Mirrors FlipSigmas' floor at the other end.
@@ -22,18 +21,6 @@ FLOW_TOP_FOR_HOST = 1.0 - SIGMA_FLOOR
 
 def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-
-
-def run_guider(guider, sampler: RetraceSampler, start: torch.Tensor, latent_shape_source: torch.Tensor, sigmas: torch.Tensor,
-         model, **options) -> list[torch.Tensor]:
-    """Sample through the host's guider with a Retrace sampler; return the latent at every sigma (model space)."""
-    record: list[torch.Tensor] = []
-    run = sampler.with_options(retrace_record=record, retrace_start=start, **options)
-    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
-    noise = torch.zeros_like(latent_shape_source, device="cpu")
-    guider.sample(noise, latent_shape_source, run, sigmas, callback=callback,
-                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
-    return record
 
 
 def invert(model, latent: dict, positive: list, negative: list | None, steps: int, guidance: float, scheduler: str,

@@ -10,9 +10,8 @@ from ..inversion.direct import corrected_denoised, trajectory_denoised
 from ..inversion.record import Inversion, fingerprint
 from ._api import RetraceNode, io
 from ._attention_hooks import records_attention, source_branch_options, store_of
-from ._guidance import ScheduledGuider
+from ._guidance import SCHEDULE_FIX, ScheduledGuider
 from ._host import Inversion as InversionType, check_conditioning, check_fits, check_steps_and_guidance, make_guider
-from .null_text import SCHEDULE_FIX
 
 GUIDANCE_TOOLTIP = "Classifier-free guidance to reconstruct or edit with (7.5 in the papers)."
 

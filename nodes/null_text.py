@@ -14,22 +14,18 @@ from ..inversion.null_text import SOLVERS, STARTS, NullTextSettings, NullTextSte
 from ..inversion.record import Inversion, NullText, fingerprint
 from ..inversion.schedules import reconstruction_sigmas
 from ._api import RetraceNode, io
-from ._guidance import ScheduledGuider, with_crossattn
+from ._guidance import SCHEDULE_FIX, ScheduledGuider, with_crossattn
 from ._host import (
     Differentiable,
     Inversion as InversionType,
+    NullTextType,
     check_conditioning,
     check_fits,
     check_steps_and_guidance,
     check_unconditional_branch,
 )
-from .inversion import run_guider
-from .samplers import ode_sampler
+from ._sampling import ode_sampler, run_guider
 
-NullTextType = io.Custom("RETRACE_NULL_TEXT")
-
-SCHEDULE_FIX = ("Sample with the inversion's own schedule: Retrace Sample Inversion (Guider), or BasicScheduler "
-                "with the scheduler and steps the inversion used.")
 
 
 class _GradientModel:

@@ -25,7 +25,7 @@ from ._stylegan import (
     register_folders,
     tensor_to_image,
 )
-from .inversion_io import (FOLDER as RECORD_FOLDER, file_exists, record_file_input, save_record,
+from ._records import (FOLDER as RECORD_FOLDER, file_exists, record_file_input, save_record,
                            save_schema)
 
 CATEGORY = "Retrace/stylegan"

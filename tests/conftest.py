@@ -22,18 +22,18 @@ def output_dir(tmp_path: Path) -> Iterator[Path]:
     ensure_host()
     import folder_paths
 
-    from retrace.nodes import inversion_io
+    from retrace.nodes import _records
 
     old = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(tmp_path))
-    inversion_io.register_folder()
-    saved = str(tmp_path / inversion_io.OUTPUT_SUBFOLDER)
-    folder_paths.add_model_folder_path(inversion_io.FOLDER, saved, is_default=True)
+    _records.register_folder()
+    saved = str(tmp_path / _records.OUTPUT_SUBFOLDER)
+    folder_paths.add_model_folder_path(_records.FOLDER, saved, is_default=True)
     try:
         yield tmp_path
     finally:
         folder_paths.set_output_directory(old)
-        folder_paths.folder_names_and_paths[inversion_io.FOLDER][0].remove(saved)
+        folder_paths.folder_names_and_paths[_records.FOLDER][0].remove(saved)
 
 
 # Per-layer counts at the end of a run (make test prints them per host; RETRACE_LAYER_SUMMARY gets them as a line).

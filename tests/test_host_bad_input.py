@@ -20,7 +20,7 @@ import tiny_models  # noqa: E402
 from comfy_extras import nodes_custom_sampler as custom  # noqa: E402
 from retrace.inversion.record import Inversion  # noqa: E402
 from retrace.nodes import inversion as node_inversion  # noqa: E402
-from retrace.nodes import inversion_io  # noqa: E402
+from retrace.nodes import _records, inversion_io  # noqa: E402
 from retrace.nodes._host import check_latent  # noqa: E402
 from retrace.nodes import samplers as node_samplers  # noqa: E402
 
@@ -225,16 +225,16 @@ def test_save_node_writes_a_new_file_each_time(output_dir: Path, sd15_inversion:
     for _ in range(3):
         node = inversion_io.RetraceSaveInversion.execute(sd15_inversion, "retrace_test")
         assert node.ui is not None
-    files = sorted(os.listdir(output_dir / inversion_io.OUTPUT_SUBFOLDER))
+    files = sorted(os.listdir(output_dir / _records.OUTPUT_SUBFOLDER))
     assert len(files) == 3 and len(set(files)) == 3 and all(f.startswith("retrace_test") for f in files)
     for f in files:
-        assert torch.equal(Inversion.load(str(output_dir / inversion_io.OUTPUT_SUBFOLDER / f)).trajectory,
+        assert torch.equal(Inversion.load(str(output_dir / _records.OUTPUT_SUBFOLDER / f)).trajectory,
                            sd15_inversion.trajectory)
 
 
 def test_load_node_checks_model_and_latent(output_dir: Path, sd15: Counted, sd15_inversion: Inversion) -> None:
     inversion_io.RetraceSaveInversion.execute(sd15_inversion, "checked")
-    (name,) = os.listdir(output_dir / inversion_io.OUTPUT_SUBFOLDER)
+    (name,) = os.listdir(output_dir / _records.OUTPUT_SUBFOLDER)
     assert inversion_io.RetraceLoadInversion.validate_inputs(name) is True
     assert "not found" in inversion_io.RetraceLoadInversion.validate_inputs("missing.safetensors")
     loaded = inversion_io.RetraceLoadInversion.execute(name, sd15.model, tiny_models.latent("sd15")).args[0]

@@ -24,7 +24,7 @@ import folder_paths  # noqa: E402
 import tiny_models  # noqa: E402
 from retrace.editing.directions import Direction  # noqa: E402
 from retrace.inversion.gan_latent import GanLatent  # noqa: E402
-from retrace.nodes import _stylegan, inversion_io  # noqa: E402
+from retrace.nodes import _records, _stylegan  # noqa: E402
 from retrace.nodes import directions as nodes  # noqa: E402
 from retrace.nodes.stylegan import RetraceStyleGANGenerate, RetraceStyleGANLoader  # noqa: E402
 from stylegan_files import tiny_generator, write_safetensors  # noqa: E402
@@ -272,7 +272,7 @@ def test_save_and_load_round_trip_and_never_overwrite(folder: Path, output_dir: 
     direction = run(nodes.RetraceGANSpace, gan, 500, 4, "coarse", 0)[0]
     run(nodes.RetraceSaveDirection, direction, "dirs")
     run(nodes.RetraceSaveDirection, direction, "dirs")
-    names = sorted(p.name for p in (output_dir / inversion_io.OUTPUT_SUBFOLDER).iterdir())
+    names = sorted(p.name for p in (output_dir / _records.OUTPUT_SUBFOLDER).iterdir())
     assert names == ["dirs_00001.safetensors", "dirs_00002.safetensors"]
     assert nodes.RetraceLoadDirection.validate_inputs(direction_file=names[0]) is True
     back = run(nodes.RetraceLoadDirection, names[0], gan)[0]

@@ -20,7 +20,8 @@ def test_each_load_node_lists_only_its_own_kind(output_dir: Path) -> None:
     from retrace.inversion.gan_latent import FORMAT_KEY, LATENT_FORMAT
     from retrace.inversion.record import FORMAT, NULL_TEXT_FORMAT, write_record
     from retrace.nodes.directions import RetraceLoadDirection
-    from retrace.nodes.inversion_io import OUTPUT_SUBFOLDER, RetraceLoadInversion, RetraceLoadNullText
+    from retrace.nodes._records import OUTPUT_SUBFOLDER
+    from retrace.nodes.inversion_io import RetraceLoadInversion, RetraceLoadNullText
     from retrace.nodes.stylegan import RetraceGANLatentLoad
 
     folder = output_dir / OUTPUT_SUBFOLDER

@@ -15,7 +15,7 @@ if not HOST.is_dir():
     pytest.skip(f"no host at {HOST}: run `make setup` (GUIDE section 1)", allow_module_level=True)
 ensure_host()
 
-from retrace.nodes import inversion_io  # noqa: E402
+from retrace.nodes import _records  # noqa: E402
 
 pytestmark = pytest.mark.host
 
@@ -31,22 +31,22 @@ class Record:
 
 def test_a_link_out_of_the_output_folder_is_refused(output_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     outside = tmp_path_factory.mktemp("outside")
-    retrace = output_dir / inversion_io.OUTPUT_SUBFOLDER
+    retrace = output_dir / _records.OUTPUT_SUBFOLDER
     retrace.mkdir(parents=True, exist_ok=True)
     (retrace / "linked").symlink_to(outside, target_is_directory=True)
     record = Record()
     with pytest.raises(ValueError, match="leads to .*outside the output folder"):
-        inversion_io.save_record(record, "linked/inversion")
+        _records.save_record(record, "linked/inversion")
     assert record.saved == [] and list(outside.iterdir()) == []
 
 
 def test_a_dangling_link_is_never_written_through(output_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     target = tmp_path_factory.mktemp("elsewhere") / "victim.safetensors"
-    retrace = output_dir / inversion_io.OUTPUT_SUBFOLDER
+    retrace = output_dir / _records.OUTPUT_SUBFOLDER
     retrace.mkdir(parents=True, exist_ok=True)
     (retrace / "inversion_00001.safetensors").symlink_to(target)  # dangling: os.path.exists says False
     record = Record()
-    inversion_io.save_record(record, "inversion")
+    _records.save_record(record, "inversion")
     assert not target.exists()
     assert [os.path.basename(p) for p in record.saved] == ["inversion_00002.safetensors"]
 
@@ -56,5 +56,5 @@ def test_a_dangling_link_is_never_written_through(output_dir: Path, tmp_path_fac
 def test_unusable_prefixes_are_refused_before_writing(output_dir: Path, prefix: str, message: str) -> None:
     record = Record()
     with pytest.raises(ValueError, match=message):
-        inversion_io.save_record(record, prefix)
+        _records.save_record(record, prefix)
     assert record.saved == []

@@ -23,7 +23,7 @@ import folder_paths  # noqa: E402
 from retrace.inversion.gan_latent import GanLatent  # noqa: E402
 from retrace.inversion.gan_projection import psnr  # noqa: E402
 from retrace.models.loader import UnsafeFileError  # noqa: E402
-from retrace.nodes import _stylegan, inversion_io  # noqa: E402
+from retrace.nodes import _records, _stylegan  # noqa: E402
 from retrace.nodes.gan_projection import RetraceStyleGANPivotalTuning, RetraceStyleGANProject  # noqa: E402
 from retrace.nodes.stylegan import (  # noqa: E402
     RetraceGANLatentBatch,
@@ -207,7 +207,7 @@ def test_convert_and_latent_files_never_overwrite(folder: Path, output_dir: Path
     _, latent = generate(gan)
     RetraceGANLatentSave.execute(latent, "lat")
     RetraceGANLatentSave.execute(latent, "lat")
-    names = sorted(p.name for p in (output_dir / inversion_io.OUTPUT_SUBFOLDER).iterdir())
+    names = sorted(p.name for p in (output_dir / _records.OUTPUT_SUBFOLDER).iterdir())
     assert names == ["lat_00001.safetensors", "lat_00002.safetensors"]
     back = RetraceGANLatentLoad.execute(latent_file=names[0], stylegan=gan).result[0]
     assert torch.equal(back.ws, latent.ws)
