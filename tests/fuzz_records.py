@@ -42,11 +42,12 @@ ODD_VALUES: list[Any] = [None, True, -1, 0, 2**31, 2**62, 10**30, -(10**9), 1.5,
                          "x" * 300, "\x00", [], [1, 2], [-4, 0], {}, {"a": 1}, [[1]], "NaN", "1e309"]
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM), or NaN where /proc is absent."""
+def memory_mib(pid: int | str = "self", field: str = "VmHWM") -> float:
+    """A process's VmHWM (peak resident memory since start or the last reset) or VmRSS, in MiB; NaN where /proc
+    is absent."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -195,7 +196,7 @@ def run(seed: int, record_cases: int, generator_cases: int) -> dict[str, Any]:
             read_generator_file(path)
         for path, load in records.values():
             load(path)
-        before = peak_rss_mib()
+        before = memory_mib()
         t0 = time.monotonic()
         plan = [("record", rng.choice(sorted(records))) for _ in range(record_cases)]
         plan += [("generator", rng.randrange(len(generators))) for _ in range(generator_cases)]
@@ -210,7 +211,7 @@ def run(seed: int, record_cases: int, generator_cases: int) -> dict[str, Any]:
                 crashes.append({"case": str(case), "file": source.name, "mutation": mutation, "error": detail})
             path.unlink()
         seconds = time.monotonic() - t0
-        rise = peak_rss_mib() - before
+        rise = memory_mib() - before
     return {"seed": seed, "cases": len(plan), "outcomes": dict(outcomes), "crashes": crashes[:20],
             "crash_count": len(crashes), "peak_rise_mib": rise, "seconds": seconds}
 

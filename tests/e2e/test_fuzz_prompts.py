@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from e2e_support import WORKFLOW_KINDS, prepare_workflow, workflow_files
+from fuzz_records import memory_mib
 
 pytestmark = pytest.mark.fuzz
 
@@ -112,17 +113,6 @@ def wait(client: Any, prompt_id: str, timeout: float = 120.0) -> dict:
 def names_an_input(error: dict, inputs: set[str]) -> bool:
     text = json.dumps(error)
     return error.get("extra_info", {}).get("input_name") in inputs or any(f"{name}" in text for name in inputs)
-
-
-def memory_mib(pid: int, field: str) -> float:
-    """VmRSS (resident now) or VmHWM (peak since the last reset) of a process, or NaN where /proc is absent."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
 
 
 def run_measured(client: Any, pid: int, prompt: dict) -> tuple[int, dict, dict | None, float]:
