@@ -6,6 +6,9 @@ at 50 steps and guidance 7.5 with the nodes' defaults (P2P replace, cross 0.8, s
 
 - ``accuracy``: the fraction of edits whose changed attribute reads back as the target word (``read_attributes``
   on the decoded result);
+- ``kept``: the fraction of edits whose every other attribute (the other object's and the edited object's other
+  attribute, and the background for an object edit) still reads back as the source's: an edit that took by
+  redrawing the picture is not a good edit;
 - ``bg_psnr_db``: latent-space PSNR (peak 8) against the source latent, over the latent cells that hold no
   pixel of the edit's mask (what must not move); edits whose every cell meets the mask (a background swap may)
   have no such cells and are left out of this mean;
@@ -18,7 +21,12 @@ Latent PSNR is taken in the model's latent space (the host's ``process_latent_in
 standard deviation about 1), where peak 8 spans the values; a LATENT as nodes pass it is 5.5 times larger. Each
 edit's PSNR is capped at ``PSNR_CAP`` dB, so that an exact result (direct inversion's reconstruction) does not
 outweigh the others in a mean.
-- ``cost_ratio``: seconds per edit over DDIM + P2P's, measured in the same run.
+- ``cost_ratio``: seconds per edit over DDIM + P2P's, measured in the same run; the flux toy's rows also give
+  ``flow_cost_ratio``, over Euler RF inversion + P2P's (the flow model's DDIM + P2P).
+
+The ``rf_`` rows run the flux toy (a rectified-flow DiT in the host's Flux class, 16-channel latents at 4x, so
+16 x 16 latent cells and 8 x 8 image tokens) on the same edits, with the host's ``simple`` schedule; their latent
+PSNR is in that model's space (the host's Flux latent format, standard deviation about 1 as well).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch
 log = logging.getLogger("retrace.bench.quality")
 STEPS = 50
 GUIDANCE = 7.5
+SCHEDULER = {"sd15": "normal", "flux": "simple"}  # the host's default for each kind of model
 PEAK = 8.0
 PSNR_CAP = 60.0
 # Attention Inject's defaults, but no blend: the plain rows are without it, the _blend rows set it.
@@ -61,13 +70,15 @@ def latent_mask(pixel_mask: torch.Tensor, factor: int = 8) -> torch.Tensor:
 
 
 class World:
-    """The toy world's models and the node functions a pipeline calls."""
+    """A toy world family's models and the node functions a pipeline calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, family: str = "sd15") -> None:
         from retrace.nodes import _toy_world as toy
 
-        self.model, self.clip, self.vae = toy.load("sd15")
+        self.family = family
+        self.model, self.clip, self.vae = toy.load(family)
         self.empty = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
+        self.factor = self.vae.downscale_ratio  # pixels per latent cell
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         from retrace.nodes.vae_encode import encode_for_inversion
@@ -107,7 +118,23 @@ def inverted(world: World, latent: torch.Tensor, pair: tuple) -> Any:
     """DDIM inversion of ``latent`` with the source prompt at guidance 1 (every pipeline's start)."""
     from retrace.nodes.inversion import invert
 
-    return invert(world.model, {"samples": latent}, pair[0], None, STEPS, 1.0, "normal")[1]
+    return invert(world.model, {"samples": latent}, pair[0], None, STEPS, 1.0, SCHEDULER[world.family])[1]
+
+
+def rf_inversion(world: World, latent: torch.Tensor, pair: tuple, **_inject: Any) -> Edited:
+    """RF-Inversion (Rout et al. 2025) at its published settings: the controlled forward ODE (gamma 0.5), then the
+    controlled reverse ODE with the target prompt (eta 0.9 over the first quarter of the steps), no attention
+    control; the source pass samples the inversion back with the source prompt."""
+    from retrace.nodes.inversion import invert, sample_inversion
+    from retrace.nodes.samplers import RetraceRFInversionEditSampler, RetraceRFInversionSampler
+
+    source_cond, target_cond, _prompt_pair = pair
+    controlled = RetraceRFInversionSampler.execute(0.5, 0, "euler").args[0]
+    inversion = invert(world.model, {"samples": latent}, source_cond, None, STEPS, 1.0, "simple", controlled)[1]
+    pull = RetraceRFInversionEditSampler.execute(0.9, 0, STEPS // 4, "constant", "euler").args[0]
+    source = sample_inversion(world.model, inversion, source_cond, world.empty, GUIDANCE, pull)
+    edit = sample_inversion(world.model, inversion, target_cond, world.empty, GUIDANCE, pull)
+    return Edited(source["samples"], edit["samples"])
 
 
 def ddim(world: World, latent: torch.Tensor, pair: tuple, **inject: Any) -> Edited:
@@ -169,6 +196,7 @@ MASACTRL = {"mode": "none", "self_attention": "mutual", "store_self": "keys and 
 DESCRIPTIONS = {
     "quality_best_accuracy": "toy world, the recommended pipeline (BEST: direct inversion + P2P + local blend auto): "
                              "edits whose attribute reads back as the target word (goal >= 0.95)",
+    "quality_best_kept": "its edits whose other attributes all read back unchanged",
     "quality_best_bg_psnr_db": "its background PSNR outside the edit's mask, latent space, peak 8 (goal >= 25)",
     "quality_best_cost_ratio": "its seconds per edit / DDIM + P2P's, side by side (goal <= 1.5)",
     "quality_blend_gain_db": "background PSNR with the blend minus without, colour and shape swaps (goal >= 6)",
@@ -188,7 +216,16 @@ PIPELINES: dict[str, Callable[..., Edited]] = {
     "direct_reweight_blend": with_inject(direct, reweight_words=NEW_WORD, reweight_factor=2.0, blend_words="auto"),
     "ddim_masactrl": with_inject(ddim, **MASACTRL),
     "direct_masactrl": with_inject(direct, **MASACTRL),
+    # The flux toy (a rectified-flow DiT in the host's Flux class): Euler RF inversion (the flow analogue of DDIM
+    # inversion) with P2P on joint attention, with and without the blend, direct inversion, and RF-Inversion.
+    "rf_p2p": plain(ddim), "rf_p2p_blend": with_blend(ddim), "rf_direct_p2p_blend": with_blend(direct),
+    "rf_inversion": plain(rf_inversion),
 }
+FLOW_PIPELINES = ("rf_p2p", "rf_p2p_blend", "rf_direct_p2p_blend", "rf_inversion")
+
+
+def family_of(pipeline: str) -> str:
+    return "flux" if pipeline in FLOW_PIPELINES else "sd15"
 
 
 def edited_attribute(edit: Any) -> str:
@@ -200,6 +237,7 @@ class Scores:
     """One pipeline's per-edit scores, in the edit set's order."""
 
     took: list[bool] = field(default_factory=list)
+    kept: list[bool] = field(default_factory=list)
     bg: list[float | None] = field(default_factory=list)  # None: the edit leaves no latent cell to keep
     bg_pixels: list[float] = field(default_factory=list)
     target: list[float] = field(default_factory=list)
@@ -219,25 +257,30 @@ def measure(count: int, pipelines: list[str] | None = None) -> dict[str, float]:
     with DDIM + P2P's under the same machine load."""
     from retrace.models import toy_world as tw
 
-    world = World()
     names = pipelines or list(PIPELINES)
+    worlds = {family: World(family) for family in sorted({family_of(n) for n in names})}
     scores = {name: Scores() for name in names}
     edits = tw.edit_set(count, seed=0)
     for e in edits:
-        source_latent = world.encode(tw.render(e.source))
-        target_latent = world.encode(tw.render(e.target))
         pixels = tw.edit_mask(e)
-        keep, keep_pixels = ~latent_mask(pixels), ~pixels
-        pair = world.pair(e.source.prompt, e.target.prompt)
-        source = world.model_space(source_latent)
+        keep_pixels = ~pixels
+        inputs = {}
+        for family, world in worlds.items():
+            source_latent = world.encode(tw.render(e.source))
+            inputs[family] = (source_latent, world.encode(tw.render(e.target)), ~latent_mask(pixels, world.factor),
+                              world.pair(e.source.prompt, e.target.prompt), world.model_space(source_latent))
         for name in names:
+            world = worlds[family_of(name)]
+            source_latent, target_latent, keep, pair, source = inputs[world.family]
             started = time.perf_counter()
             with torch.inference_mode():
                 out = PIPELINES[name](world, source_latent, pair, e.old_word, e.new_word)
             score = scores[name]
             score.seconds += time.perf_counter() - started
             picture = world.decode(out.edit)
-            score.took.append(tw.read_attributes(picture)[edited_attribute(e)] == e.new_word)
+            read, wanted, changed = tw.read_attributes(picture), tw.attributes_of(e.target), edited_attribute(e)
+            score.took.append(read[changed] == e.new_word)
+            score.kept.append(all(read[k] == v for k, v in wanted.items() if k != changed))
             edit = world.model_space(out.edit)
             score.bg.append(capped_psnr(edit, source, PEAK, keep[None, None]) if keep.any() else None)
             score.bg_pixels.append(capped_psnr(picture, tw.render(e.source), 1.0, keep_pixels[..., None]))
@@ -248,18 +291,22 @@ def measure(count: int, pipelines: list[str] | None = None) -> dict[str, float]:
                       "-" if score.bg[-1] is None else f"{score.bg[-1]:.1f}")
     metrics: dict[str, float] = {}
     for name, score in scores.items():
-        metrics.update({f"quality_{name}_accuracy": mean(score.took), f"quality_{name}_bg_psnr_db": mean(score.bg),
+        metrics.update({f"quality_{name}_accuracy": mean(score.took), f"quality_{name}_kept": mean(score.kept),
+                        f"quality_{name}_bg_psnr_db": mean(score.bg),
                         f"quality_{name}_bg_pixel_psnr_db": mean(score.bg_pixels),
                         f"quality_{name}_target_psnr_db": mean(score.target),
                         f"quality_{name}_recon_psnr_db": mean(score.recon)})
         if "ddim_p2p" in scores:
             metrics[f"quality_{name}_cost_ratio"] = score.seconds / scores["ddim_p2p"].seconds
-        log.info("%s: took %d/%d, background %.1f dB (pixels %.1f dB), target %.1f dB, reconstruction %.1f dB, "
-                 "%.2f s/edit", name, sum(score.took), len(edits), metrics[f"quality_{name}_bg_psnr_db"],
+        if "rf_p2p" in scores and name in FLOW_PIPELINES:
+            metrics[f"quality_{name}_flow_cost_ratio"] = score.seconds / scores["rf_p2p"].seconds
+        log.info("%s: took %d/%d, kept the rest %d/%d, background %.1f dB (pixels %.1f dB), target %.1f dB, "
+                 "reconstruction %.1f dB, %.2f s/edit", name, sum(score.took), len(edits), sum(score.kept), len(edits),
+                 metrics[f"quality_{name}_bg_psnr_db"],
                  metrics[f"quality_{name}_bg_pixel_psnr_db"], metrics[f"quality_{name}_target_psnr_db"],
                  metrics[f"quality_{name}_recon_psnr_db"], score.seconds / len(edits))
     if BEST in scores:
-        for key in ("accuracy", "bg_psnr_db", "cost_ratio"):
+        for key in ("accuracy", "kept", "bg_psnr_db", "cost_ratio"):
             if f"quality_{BEST}_{key}" in metrics:
                 metrics[f"quality_best_{key}"] = metrics[f"quality_{BEST}_{key}"]
         for kind in tw.EDIT_KINDS:

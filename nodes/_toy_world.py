@@ -1,10 +1,16 @@
-"""The toy world's models in the host's own classes: an SD1.5-family UNet (``comfy.supported_models.SD15``), a small
-CLIP text model behind the host's real SD1 tokenizer (a host ``CLIP`` object), and a small ``AutoencoderKL`` (a
-host ``VAE``). ``scripts/train_toy_world.py`` trains them; ``models/toy_world/`` ships the weights (fp16); the
-Retrace Load Toy World node builds them with :func:`load`.
+"""The toy world's models in the host's own classes. Two families:
 
-One weights file per family holds every part under a prefix (``unet.``, ``text.``, ``vae.``) and its configs in the
-metadata; the text encoder's token table keeps only the rows of the world's words (the rest are zero).
+- ``sd15``: an SD1.5-family UNet (``comfy.supported_models.SD15``, eps), a small CLIP text model behind the host's
+  real SD1 tokenizer (a host ``CLIP`` object), and a small ``AutoencoderKL`` (a host ``VAE``, 8x: 8 x 8 x 4 latents);
+- ``flux``: a rectified-flow DiT in the host's Flux class (``FluxSchnell``'s layout: no guidance input, so real
+  classifier-free guidance), its config found by the host's own detection from the weights' shapes; its own text
+  model of the same kind (the sequence to ``txt_in``, the end token's state as the pooled vector), and a VAE with
+  16 latent channels at 4x (16 x 16 x 16 latents, 8 x 8 image tokens after the DiT's 2 x 2 patches).
+
+``scripts/train_toy_world.py`` trains them; ``models/toy_world/`` ships the weights (fp16); the Retrace Load Toy
+World node builds them with :func:`load`. One weights file per family holds every part under a prefix (``unet.`` or
+``dit.``, ``text.``, ``vae.``) and its configs in the metadata; the text encoder's token table keeps only the rows
+of the world's words (the rest are zero).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_DIR = ROOT / "models" / "toy_world"
-FAMILIES = {"sd15": "sd15_toy.safetensors"}
+FAMILIES = {"sd15": "sd15_toy.safetensors", "flux": "flux_toy.safetensors"}
+# Each family's parts, the diffusion model's first.
+PARTS = {"sd15": ("unet", "text", "vae"), "flux": ("dit", "text", "vae")}
 FORMAT = "retrace-toy-world-1"
 # What a weights file may claim before anything is built (a tiny world: far below these).
 MAX_CHANNELS = 512
@@ -47,6 +55,27 @@ VAE_CONFIG: dict[str, Any] = {
                  "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
     "embed_dim": 4,
 }
+
+
+# The flux toy's DiT, given as the tensor shapes the host's detection reads (Flux.1's layout, hidden 128): 2 x 2
+# patches of 16 channels, the toy text model's 32-wide states to txt_in and its pooled vector to vector_in, two
+# double-stream and two single-stream blocks, no guidance input (FluxSchnell: real CFG).
+FLUX_HIDDEN = 128
+FLUX_LAYOUT: dict[str, tuple[int, ...]] = {
+    "img_in.weight": (FLUX_HIDDEN, 64), "txt_in.weight": (FLUX_HIDDEN, TEXT_CONFIG["hidden_size"]),
+    "vector_in.in_layer.weight": (FLUX_HIDDEN, TEXT_CONFIG["hidden_size"]),
+    "double_blocks.0.img_attn.norm.key_norm.scale": (32,), "double_blocks.1.img_attn.norm.key_norm.scale": (32,),
+    "single_blocks.0.linear1.weight": (7 * FLUX_HIDDEN, FLUX_HIDDEN),
+    "single_blocks.1.linear1.weight": (7 * FLUX_HIDDEN, FLUX_HIDDEN), "final_layer.linear.weight": (64, FLUX_HIDDEN),
+}
+# What detection fixes for Flux.1 rather than reads (24 heads of 128): 4 heads of 32 here, the rotary axes to match.
+FLUX_OVERRIDES: dict[str, Any] = {"axes_dim": [8, 12, 12], "num_heads": 4}
+FLUX_VAE_CONFIG: dict[str, Any] = {
+    "ddconfig": {"double_z": True, "z_channels": 16, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                 "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+    "embed_dim": 16,
+}
+VAE_CONFIGS = {"sd15": VAE_CONFIG, "flux": FLUX_VAE_CONFIG}
 
 
 class ToyTextModel(comfy.sd1_clip.SDClipModel):
@@ -79,6 +108,33 @@ def build_unet(config: dict | None = None, dtype: torch.dtype = torch.float32) -
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
+def build_dit(shapes: dict[str, Any] | None = None, overrides: dict | None = None,
+              dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """The host's Flux model for the flux toy, its config from the host's detection on ``shapes`` (a state dict, or
+    FLUX_LAYOUT's shapes as meta tensors), in a ModelPatcher on the host's devices."""
+    import comfy.model_detection
+
+    if shapes is None:
+        shapes = {k: torch.empty(shape, device="meta") for k, shape in FLUX_LAYOUT.items()}
+    model_config = comfy.model_detection.model_config_from_unet(shapes, "")
+    if model_config is None or type(model_config).__name__ != "FluxSchnell":
+        raise ValueError(f"Retrace Load Toy World: the host reads the flux toy's weights as "
+                         f"{type(model_config).__name__}, not FluxSchnell; the file is not one Retrace's training "
+                         f"script wrote.")
+    config = {**model_config.unet_config, **dict(overrides or FLUX_OVERRIDES)}
+    heads, axes = config.get("num_heads"), config.get("axes_dim")
+    if not (isinstance(heads, int) and heads > 0 and isinstance(axes, list) and all(isinstance(a, int) for a in axes)
+            and heads * sum(axes) == config["hidden_size"]):
+        raise ValueError(f"Retrace Load Toy World: the flux toy's heads ({heads}) and rotary axes ({axes}) do not "
+                         f"divide its hidden size {config['hidden_size']}; the file is not one Retrace's training "
+                         f"script wrote.")
+    model_config.unet_config.update(config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
 def build_clip(config: dict | None = None, dtype: torch.dtype | None = None) -> comfy.sd.CLIP:
     """A host CLIP around the toy text model; ``dtype`` None: the host's text-encoder dtype (fp16 even on CPU, which
     is right for inference and wrong for training: Adam's state underflows in fp16)."""
@@ -88,10 +144,16 @@ def build_clip(config: dict | None = None, dtype: torch.dtype | None = None) -> 
 
 
 def build_vae(state: dict[str, torch.Tensor], config: dict | None = None) -> comfy.sd.VAE:
-    return comfy.sd.VAE(sd=state, config={"params": dict(config or VAE_CONFIG)})
+    """A host VAE around the toy AutoencoderKL. The host's VAE takes a config as 4 latent channels at 8x; the
+    toy's own channels and scale (the flux toy's 16 at 4x) are set on the object from its config."""
+    config = dict(config or VAE_CONFIG)
+    vae = comfy.sd.VAE(sd=state, config={"params": config})
+    vae.latent_channels = config["embed_dim"]
+    vae.downscale_ratio = vae.upscale_ratio = 2 ** (len(config["ddconfig"]["ch_mult"]) - 1)
+    return vae
 
 
-def unet_module(patcher: comfy.model_patcher.ModelPatcher) -> torch.nn.Module:
+def diffusion_module(patcher: comfy.model_patcher.ModelPatcher) -> torch.nn.Module:
     return patcher.model.diffusion_model
 
 
@@ -143,10 +205,10 @@ def read_weights(path: Path, family: str) -> tuple[dict[str, dict[str, torch.Ten
                 raise ValueError(f"Retrace Load Toy World: {path.name} is not a toy world {family} file (format "
                                  f"{metadata.get('format')!r}, family {metadata.get('family')!r}; expected {FORMAT!r}, "
                                  f"{family!r}).")
-            configs = {part: json.loads(metadata[f"{part}_config"]) for part in ("unet", "text", "vae")}
+            configs = {part: json.loads(metadata[f"{part}_config"]) for part in PARTS[family]}
             for part, config in configs.items():
                 check_config(part, config)
-            parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text": {}, "vae": {}}
+            parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in PARTS[family]}
             for key in f.keys():
                 part, _, name = key.partition(".")
                 if part not in parts:
@@ -193,8 +255,13 @@ def load(family: str, path: Path | None = None) -> tuple[Any, comfy.sd.CLIP, com
         raise ValueError(f"Retrace Load Toy World: the toy world has no {family!r} family; it has {sorted(FAMILIES)}.")
     path = path or WEIGHTS_DIR / FAMILIES[family]
     parts, configs = read_weights(path, family)
-    patcher = build_unet(configs["unet"])
-    _load_strict(unet_module(patcher), parts["unet"], "UNet", path.name)
+    if family == "flux":
+        patcher = build_dit(parts["dit"], configs["dit"])
+        dit = patcher.model.model_config.process_unet_state_dict(dict(parts["dit"]))
+        _load_strict(diffusion_module(patcher), dit, "DiT", path.name)
+    else:
+        patcher = build_unet(configs["unet"])
+        _load_strict(diffusion_module(patcher), parts["unet"], "UNet", path.name)
     clip = build_clip(configs["text"])
     _load_strict(text_module(clip), _expand_token_rows(parts["text"], configs["text"]), "text encoder", path.name)
     vae_state = {k: v.float() for k, v in parts["vae"].items()}
