@@ -130,7 +130,8 @@ def rf_inversion(world: World, latent: torch.Tensor, pair: tuple, **_inject: Any
 
     source_cond, target_cond, _prompt_pair = pair
     controlled = RetraceRFInversionSampler.execute(0.5, 0, "euler").args[0]
-    inversion = invert(world.model, {"samples": latent}, source_cond, None, STEPS, 1.0, "simple", controlled)[1]
+    inversion = invert(world.model, {"samples": latent}, source_cond, None, STEPS, 1.0, SCHEDULER[world.family],
+                       controlled)[1]
     pull = RetraceRFInversionEditSampler.execute(0.9, 0, STEPS // 4, "constant", "euler").args[0]
     source = sample_inversion(world.model, inversion, source_cond, world.empty, GUIDANCE, pull)
     edit = sample_inversion(world.model, inversion, target_cond, world.empty, GUIDANCE, pull)

@@ -171,7 +171,7 @@ def token_ids(clip, prompts: list[str]) -> dict[str, list[int]]:
 
 def encode_prompts(clip, ids: list[list[int]]) -> torch.Tensor:
     """``[B, 77, width]``: the host's SD1 text encoder (clip_l) on token ids, as CLIP Text Encode runs it."""
-    return clip.cond_stage_model.clip_l(ids)[0]
+    return encode_pooled(clip, ids)[0]
 
 
 def encode_pooled(clip, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,8 +288,7 @@ def train_diffusion(vae: torch.nn.Module, steps: int, batch: int, seed: int) -> 
     model = patcher.model
     pool = scenes(8000, seed + 2)
     log.info("encoding %d scenes", len(pool))
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images_of(pool[i:i + 500])) for i in range(0, len(pool), 500)]) * SD1_SCALE
+    latents = model_latents(vae, pool, "sd15")
     prompts = [s.prompt for s in pool]
     ids = token_ids(clip, [*prompts, ""])
     sigmas = model.model_sampling.sigmas.float()
@@ -438,8 +437,7 @@ def localise(patcher, clip, vae: torch.nn.Module, steps: int, batch: int, seed: 
     check_single_tokens(clip)
     generator = torch.Generator().manual_seed(seed)
     pool = scenes(8000, seed + 2)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images_of(pool[i:i + 500])) for i in range(0, len(pool), 500)]) * SD1_SCALE
+    latents = model_latents(vae, pool, "sd15")
     prompts = [s.prompt for s in pool]
     ids = token_ids(clip, [*prompts, ""])
     sigmas = patcher.model.model_sampling.sigmas.float()
